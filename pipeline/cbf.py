@@ -1,0 +1,221 @@
+"""Pilatus miniCBF container: header, binary section, completeness.
+
+The parser never decodes pixels: it locates the byte-offset stream so that a
+decoder (CPU or OpenCL) can take it as it is, and it tells a complete file
+from one that is still being written or was cut short.  Being strict here is
+what keeps a half-written NFS file from turning into a silently wrong frame.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+CBF_MAGIC = b"###CBF"
+BINARY_MARKER = b"\x0c\x1a\x04\xd5"
+#: The header of every real Pilatus file fits in far less; a larger search
+#: window only costs time on garbage files.
+MAX_HEADER_BYTES = 64 * 1024
+
+_MIME_KEYS = {
+    b"X-Binary-Size": "binary_size",
+    b"X-Binary-Number-of-Elements": "n_elements",
+    b"X-Binary-Size-Fastest-Dimension": "dim_fast",
+    b"X-Binary-Size-Second-Dimension": "dim_slow",
+    b"X-Binary-Size-Padding": "padding",
+}
+_MIME_RE = re.compile(rb"^(X-Binary-[A-Za-z-]+|Content-MD5|Content-Type|Content-Transfer-Encoding)\s*:\s*(.*?)\s*$", re.M)
+_CONVERSIONS_RE = re.compile(rb'conversions\s*=\s*"?([A-Za-z0-9_-]+)"?')
+_FLOAT = r"([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)"
+_PILATUS_PATTERNS = {
+    "detector": re.compile(r"^#\s*Detector:\s*(.+?)\s*$", re.M),
+    "exposure_time": re.compile(r"^#\s*Exposure_time:?\s*" + _FLOAT + r"\s*s", re.M),
+    "exposure_period": re.compile(r"^#\s*Exposure_period:?\s*" + _FLOAT + r"\s*s", re.M),
+    "wavelength": re.compile(r"^#\s*Wavelength:?\s*" + _FLOAT + r"\s*A", re.M),
+    "detector_distance": re.compile(r"^#\s*Detector_distance:?\s*" + _FLOAT + r"\s*m\b", re.M),
+    "pixel_size": re.compile(r"^#\s*Pixel[_ ]size:?\s*" + _FLOAT + r"\s*m\s*x\s*" + _FLOAT + r"\s*m", re.M),
+    "beam_xy": re.compile(r"^#\s*Beam_xy:?\s*\(\s*" + _FLOAT + r"\s*,\s*" + _FLOAT + r"\s*\)", re.M),
+    "date": re.compile(r"^#\s*(\d{4}-\d{2}-\d{2}T[\d:.]+)\s*$", re.M),
+}
+
+
+class CbfError(ValueError):
+    """A file that cannot be used as a frame; the message says why."""
+
+
+class NotACbfError(CbfError):
+    """Not a CBF file at all (garbage in the landing directory)."""
+
+
+class IncompleteCbfError(CbfError):
+    """The binary section is shorter than announced: still being written, or truncated."""
+
+
+class CorruptCbfError(CbfError):
+    """Complete but inconsistent (bad MD5, unsupported encoding, wrong element count)."""
+
+
+@dataclass(frozen=True)
+class CbfHeader:
+    """What the header announces about the frame and the acquisition."""
+
+    binary_offset: int  # first byte of the compressed stream in the file
+    binary_size: int  # X-Binary-Size
+    n_elements: int
+    shape: tuple[int, int]  # (rows, columns) = (second, fastest dimension)
+    padding: int = 0
+    md5: str | None = None
+    element_type: str = "signed 32-bit integer"
+    conversions: str = "x-CBF_BYTE_OFFSET"
+    pilatus: dict = field(default_factory=dict)
+
+    @property
+    def required_size(self) -> int:
+        """Bytes the file must hold for the compressed stream to be whole."""
+        return self.binary_offset + self.binary_size
+
+
+def _parse_pilatus(text: str) -> dict:
+    out: dict = {}
+    for key, pattern in _PILATUS_PATTERNS.items():
+        match = pattern.search(text)
+        if not match:
+            continue
+        groups = match.groups()
+        if key in ("detector", "date"):
+            out[key] = groups[0]
+        elif len(groups) == 1:
+            out[key] = float(groups[0])
+        else:
+            out[key] = tuple(float(g) for g in groups)
+    return out
+
+
+def parse_header(head: bytes) -> CbfHeader:
+    """Parse the part of a CBF file up to and including the binary marker.
+
+    ``head`` may contain more bytes (the whole file); only the text before the
+    marker is read.  Raises :class:`NotACbfError` for anything that is not a
+    byte-offset CBF and :class:`IncompleteCbfError` when the marker or the MIME
+    header has not been written yet.
+    """
+    if not head.startswith(CBF_MAGIC):
+        if len(head) < len(CBF_MAGIC) and CBF_MAGIC.startswith(head):
+            raise IncompleteCbfError("file is empty or shorter than the CBF magic")
+        raise NotACbfError("does not start with ###CBF")
+    marker = head.find(BINARY_MARKER, 0, MAX_HEADER_BYTES)
+    if marker < 0:
+        if len(head) < MAX_HEADER_BYTES:
+            raise IncompleteCbfError("binary section marker not written yet")
+        raise NotACbfError("no binary section marker in the first 64 KiB")
+    text = head[:marker]
+    mime: dict[str, bytes] = {}
+    for key, value in _MIME_RE.findall(text):
+        mime[key.decode()] = value
+    values: dict[str, int] = {}
+    for key, name in _MIME_KEYS.items():
+        raw = mime.get(key.decode())
+        if raw is None:
+            continue
+        try:
+            values[name] = int(raw)
+        except ValueError as exc:
+            raise CorruptCbfError(f"{key.decode()} is not an integer: {raw!r}") from exc
+    for name in ("binary_size", "dim_fast", "dim_slow"):
+        if name not in values:
+            raise CorruptCbfError(f"MIME header lacks {name}")
+    conv = _CONVERSIONS_RE.search(text)
+    conversions = conv.group(1).decode() if conv else "unknown"
+    if conversions != "x-CBF_BYTE_OFFSET":
+        raise CorruptCbfError(f"unsupported compression {conversions!r} (only x-CBF_BYTE_OFFSET)")
+    etype = mime.get("X-Binary-Element-Type", b'"signed 32-bit integer"').strip(b'"').decode()
+    if etype not in ("signed 32-bit integer", "unsigned 32-bit integer", "signed 16-bit integer"):
+        raise CorruptCbfError(f"unsupported element type {etype!r}")
+    order = mime.get("X-Binary-Element-Byte-Order", b"LITTLE_ENDIAN").decode()
+    if order != "LITTLE_ENDIAN":
+        raise CorruptCbfError(f"unsupported byte order {order!r}")
+    shape = (values["dim_slow"], values["dim_fast"])
+    n_elements = values.get("n_elements", shape[0] * shape[1])
+    if shape[0] <= 0 or shape[1] <= 0 or n_elements != shape[0] * shape[1]:
+        raise CorruptCbfError(f"element count {n_elements} does not match dimensions {shape}")
+    if values["binary_size"] <= 0:
+        raise CorruptCbfError("X-Binary-Size must be positive")
+    md5 = mime.get("Content-MD5")
+    try:
+        pilatus = _parse_pilatus(text.decode("ascii", errors="replace"))
+    except ValueError:  # a malformed number in free text is not worth losing a frame over
+        pilatus = {}
+    return CbfHeader(
+        binary_offset=marker + len(BINARY_MARKER),
+        binary_size=values["binary_size"],
+        n_elements=n_elements,
+        shape=shape,
+        padding=values.get("padding", 0),
+        md5=md5.decode() if md5 else None,
+        element_type=etype,
+        conversions=conversions,
+        pilatus=pilatus,
+    )
+
+
+@dataclass
+class CbfFrame:
+    """A parsed frame: header plus the compressed stream (not decoded)."""
+
+    header: CbfHeader
+    raw: memoryview  # exactly header.binary_size bytes
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.header.shape
+
+    def check_md5(self) -> None:
+        """Raise :class:`CorruptCbfError` when Content-MD5 does not match."""
+        if self.header.md5 is None:
+            return
+        digest = base64.b64encode(hashlib.md5(self.raw).digest()).decode()
+        if digest != self.header.md5:
+            raise CorruptCbfError(f"Content-MD5 mismatch: header {self.header.md5}, data {digest}")
+
+
+def parse_frame(buffer: bytes | bytearray | memoryview, check_md5: bool = False) -> CbfFrame:
+    """Split a whole CBF file held in memory into header and compressed stream."""
+    view = memoryview(buffer).cast("B")
+    header = parse_header(bytes(view[:MAX_HEADER_BYTES]))
+    if len(view) < header.required_size:
+        raise IncompleteCbfError(
+            f"binary section has {max(0, len(view) - header.binary_offset)} of {header.binary_size} bytes"
+        )
+    frame = CbfFrame(header, view[header.binary_offset : header.required_size])
+    if check_md5:
+        frame.check_md5()
+    return frame
+
+
+def read_frame(path: str | os.PathLike, check_md5: bool = False) -> CbfFrame:
+    """Read and split a CBF file (one read, no decoding)."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    return parse_frame(data, check_md5=check_md5)
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    """True when the file holds its whole binary section.  Cheap: reads the header only."""
+    try:
+        size = os.stat(path).st_size
+        with open(path, "rb") as handle:
+            head = handle.read(min(size, MAX_HEADER_BYTES))
+        return size >= parse_header(head).required_size
+    except (IncompleteCbfError, FileNotFoundError):
+        return False
+
+
+def element_dtype(header: CbfHeader) -> np.dtype:
+    """numpy dtype of the decoded elements."""
+    return np.dtype({"signed 32-bit integer": "<i4", "unsigned 32-bit integer": "<u4",
+                     "signed 16-bit integer": "<i2"}[header.element_type])
