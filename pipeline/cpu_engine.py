@@ -15,6 +15,7 @@ from numba import njit
 
 from .cbf import CbfFrame, CorruptCbfError
 from .decode import OK, TOO_MANY, _next_delta, check_status
+from .engines import cpu_count
 from .geometry import IntegrationSetup
 from .results import FrameResult, finish_sums
 
@@ -112,9 +113,11 @@ class CpuEngine:
     """Decode + integrate on the CPU; thread-safe, one call per frame."""
 
     name = "cpu"
+    batch_size = 1
 
-    def __init__(self, setup: IntegrationSetup):
+    def __init__(self, setup: IntegrationSetup, workers: int = 0):
         self.setup = setup
+        self.concurrency = workers or cpu_count()
         lo, hi, active = setup.dummy_range
         self._dummy = (np.float32(lo), np.float32(hi), active)
         self._poisson = setup.config.error_model == "poisson"
@@ -127,7 +130,17 @@ class CpuEngine:
 
     @property
     def description(self) -> str:
-        return "cpu (numba fused byte-offset decode + CSC integration)"
+        kind = "histogram" if self._pixel_bin is not None else "CSC"
+        return f"cpu: fused byte-offset decode + {kind} integration, {self.concurrency} threads"
+
+    def integrate_batch(self, frames: list[CbfFrame]) -> list[FrameResult | Exception]:
+        out: list[FrameResult | Exception] = []
+        for frame in frames:
+            try:
+                out.append(self.integrate(frame))
+            except CorruptCbfError as exc:
+                out.append(exc)
+        return out
 
     def integrate(self, frame: CbfFrame) -> FrameResult:
         setup = self.setup

@@ -1,0 +1,221 @@
+"""NeXus/HDF5 output, written in SWMR mode so that a viewer can watch it grow.
+
+Layout (``default`` attributes lead a viewer from the root to the patterns)::
+
+    /entry                 NXentry   @default=integrated
+      integrated           NXdata    @signal=intensity @axes=[".", <radial>]
+        intensity          float32 [frame, bin]   NaN where a frame is missing or failed
+        intensity_errors   float32 [frame, bin]   (also linked as ``sigma``)
+        <radial>           float64 [bin]  @units
+        frame_number, frame_status, source_file, landed_time
+      sinogram             NXdata    @signal=intensity @axes=[rotation, translation, <radial>]
+        intensity          float32 [rotation, translation, bin], NaN where not (yet) measured
+        measured           uint8   [rotation, translation] (1 = reduced, 2 = missing, 3 = failed)
+      reduction            NXprocess: program, version, configuration (JSON), PONI, library versions
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from . import __version__
+from .results import FrameResult
+from .scan import ScanModel
+
+logger = logging.getLogger(__name__)
+
+STATUS_PENDING, STATUS_OK, STATUS_MISSING, STATUS_FAILED = 0, 1, 2, 3
+_RADIAL_NAMES = {"q_nm^-1": ("q", "1/nm"), "q_A^-1": ("q", "1/angstrom"), "2th_deg": ("two_theta", "degree")}
+_STR = h5py.string_dtype("utf-8", 512)
+
+
+def radial_name(unit: str) -> tuple[str, str]:
+    """(dataset name, NeXus units) of the radial axis for a pyFAI unit."""
+    return _RADIAL_NAMES[unit]
+
+
+def library_versions() -> dict[str, str]:
+    import fabio
+    import pyFAI
+
+    return {"xrdct": __version__, "pyFAI": pyFAI.version, "fabio": fabio.version, "numpy": np.__version__,
+            "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version}
+
+
+class NexusWriter:
+    """Owns the output file; one thread writes, and rows are flushed in blocks."""
+
+    def __init__(self, path: str | Path, radial: np.ndarray, unit: str, scan: ScanModel,
+                 config_json: str, poni_text: str, engine: str, flush_interval: float = 0.5,
+                 extra_info: dict | None = None):
+        self.path = Path(path)
+        self.scan = scan
+        self.nbins = int(radial.shape[0])
+        self.flush_interval = flush_interval
+        self._last_flush = time.monotonic()
+        self._rows: dict[int, tuple] = {}
+        self._dirty_rot: set[int] = set()
+        self.sinogram = np.full((scan.rotations, scan.translations, self.nbins), np.nan, dtype=np.float32)
+        self.measured = np.zeros((scan.rotations, scan.translations), dtype=np.uint8)
+        self.n_rows = 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = h5py.File(self.path, "w", libver="latest")
+        self._create(radial, unit, config_json, poni_text, engine, extra_info or {})
+        self.file.swmr_mode = True
+        self.file.flush()
+
+    def _create(self, radial, unit, config_json, poni_text, engine, extra_info) -> None:
+        f = self.file
+        f.attrs.update(NX_class="NXroot", default="entry", creator=f"xrdct {__version__}",
+                       file_name=self.path.name, file_time=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                       HDF5_Version=h5py.version.hdf5_version)
+        entry = f.create_group("entry")
+        entry.attrs.update(NX_class="NXentry", default="integrated")
+        entry.create_dataset("title", data=f"XRD-CT reduction {self.path.stem}")
+        entry.create_dataset("start_time", data=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        entry.create_dataset("end_time", shape=(), dtype=_STR)
+        rname, runits = radial_name(unit)
+        self.radial_name = rname
+
+        data = entry.create_group("integrated")
+        data.attrs.update(NX_class="NXdata", signal="intensity", axes=[".", rname], interpretation="spectrum")
+        data.attrs[f"{rname}_indices"] = 1
+        chunk_rows = max(1, min(64, (1 << 20) // (4 * self.nbins)))
+        make = dict(shape=(0, self.nbins), maxshape=(None, self.nbins), chunks=(chunk_rows, self.nbins),
+                    dtype=np.float32, fillvalue=np.nan)
+        self.intensity = data.create_dataset("intensity", **make)
+        self.intensity.attrs.update(long_name="azimuthally averaged intensity", units="counts/sr-normalised")
+        self.errors = data.create_dataset("intensity_errors", **make)
+        self.errors.attrs["long_name"] = "standard error of the mean (Poisson)"
+        data["sigma"] = self.errors
+        axis = data.create_dataset(rname, data=np.asarray(radial, dtype=np.float64))
+        axis.attrs.update(units=runits, long_name=f"{rname} ({runits})")
+        vec = dict(shape=(0,), maxshape=(None,), chunks=(1024,))
+        self.frame_number = data.create_dataset("frame_number", dtype=np.int64, fillvalue=-1, **vec)
+        self.status = data.create_dataset("frame_status", dtype=np.uint8, fillvalue=STATUS_PENDING, **vec)
+        self.status.attrs["meaning"] = "0 pending, 1 reduced, 2 missing, 3 failed"
+        self.source_file = data.create_dataset("source_file", dtype=_STR, **vec)
+        self.landed = data.create_dataset("landed_time", dtype=np.float64, fillvalue=np.nan, **vec)
+        self.landed.attrs["units"] = "s since epoch"
+
+        sino = entry.create_group("sinogram")
+        sino.attrs.update(NX_class="NXdata", signal="intensity", axes=["rotation", "translation", rname])
+        sino.attrs.update(rotation_indices=0, translation_indices=1)
+        sino.attrs[f"{rname}_indices"] = 2
+        self.sino_ds = sino.create_dataset(
+            "intensity", shape=self.sinogram.shape, dtype=np.float32, fillvalue=np.nan,
+            chunks=(1, self.scan.translations, self.nbins) if self.scan.translations * self.nbins * 4 < (8 << 20)
+            else (1, 1, self.nbins))
+        self.measured_ds = sino.create_dataset("measured", data=self.measured)
+        self.measured_ds.attrs["meaning"] = "0 not yet, 1 reduced, 2 missing, 3 failed"
+        rot = sino.create_dataset("rotation", data=np.arange(self.scan.rotations))
+        rot.attrs.update(units="index", long_name="rotation step")
+        tr = sino.create_dataset("translation", data=np.arange(self.scan.translations))
+        tr.attrs.update(units="index", long_name="translation step")
+        sino_axis = sino.create_dataset(rname, data=np.asarray(radial, dtype=np.float64))
+        sino_axis.attrs["units"] = runits
+
+        proc = entry.create_group("reduction")
+        proc.attrs["NX_class"] = "NXprocess"
+        proc.create_dataset("program", data="xrdct")
+        proc.create_dataset("version", data=__version__)
+        proc.create_dataset("date", data=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        proc.create_dataset("engine", data=engine)
+        proc.create_dataset("configuration", data=config_json)
+        proc.create_dataset("poni", data=poni_text)
+        proc.create_dataset("scan", data=json.dumps({"rotations": self.scan.rotations,
+                                                     "translations": self.scan.translations,
+                                                     "order": self.scan.order,
+                                                     "first_frame": self.scan.first_frame}))
+        versions = proc.create_group("versions")
+        versions.attrs["NX_class"] = "NXnote"
+        for key, value in library_versions().items():
+            versions.create_dataset(key, data=str(value))
+        for key, value in extra_info.items():
+            proc.create_dataset(key, data=str(value))
+
+    # -- writing ------------------------------------------------------------
+    def add(self, index: int, frame: int, result: FrameResult | None, status: int, source: str = "",
+            landed: float = float("nan")) -> None:
+        """Record frame ``frame`` at row ``index`` (rows arrive in order, blocks are flushed)."""
+        self._rows[index] = (frame, result, status, source, landed)
+        try:
+            rot, trans = self.scan.position(frame)
+        except KeyError:
+            rot = trans = None
+        if rot is not None:
+            if result is not None:
+                self.sinogram[rot, trans] = result.intensity
+            self.measured[rot, trans] = status
+            self._dirty_rot.add(rot)
+        if time.monotonic() - self._last_flush >= self.flush_interval:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write buffered rows and dirty sinogram lines, then let SWMR readers see them."""
+        if self._rows:
+            indices = sorted(self._rows)
+            start, stop = indices[0], indices[-1] + 1
+            if stop > self.n_rows:
+                for ds in (self.intensity, self.errors):
+                    ds.resize((stop, self.nbins))
+                for ds in (self.frame_number, self.status, self.source_file, self.landed):
+                    ds.resize((stop,))
+                self.n_rows = stop
+            n = stop - start
+            inten = np.full((n, self.nbins), np.nan, np.float32)
+            err = np.full((n, self.nbins), np.nan, np.float32)
+            frames = np.full(n, -1, np.int64)
+            status = np.zeros(n, np.uint8)
+            sources = [""] * n
+            landed = np.full(n, np.nan)
+            present = np.zeros(n, bool)
+            for i in indices:
+                frame, result, st, src, t = self._rows[i]
+                k = i - start
+                present[k] = True
+                frames[k], status[k], sources[k], landed[k] = frame, st, src, t
+                if result is not None:
+                    inten[k] = result.intensity
+                    if result.sigma is not None:
+                        err[k] = result.sigma
+            if present.all():
+                self.intensity[start:stop] = inten
+                self.errors[start:stop] = err
+                self.frame_number[start:stop] = frames
+                self.status[start:stop] = status
+                self.source_file[start:stop] = sources
+                self.landed[start:stop] = landed
+            else:  # rows out of order: write one by one
+                for k in np.flatnonzero(present):
+                    i = start + k
+                    self.intensity[i] = inten[k]
+                    self.errors[i] = err[k]
+                    self.frame_number[i] = frames[k]
+                    self.status[i] = status[k]
+                    self.source_file[i] = sources[k]
+                    self.landed[i] = landed[k]
+            self._rows.clear()
+        if self._dirty_rot:
+            for rot in sorted(self._dirty_rot):
+                self.sino_ds[rot] = self.sinogram[rot]
+            self.measured_ds[...] = self.measured
+            self._dirty_rot.clear()
+        self.file.flush()
+        self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        if not self.file:
+            return
+        try:
+            self.flush()
+            self.file["entry/end_time"][()] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            self.file.flush()
+        finally:
+            self.file.close()

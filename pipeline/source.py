@@ -1,0 +1,265 @@
+"""Landing directory: find frames, wait until they are whole, hand them on in order.
+
+inotify does not see files written by another NFS client, so the directory is
+polled.  A file counts once its binary section is all there (the header says
+how long it is).  Frames leave in frame-number order; a frame that has not
+come ``missing_timeout`` seconds after a later one did is recorded as missing
+(or as failed, when a partial file stayed partial), so nothing waits forever
+and nothing is silently skipped.  Every odd file is reported once.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .cbf import MAX_HEADER_BYTES, CbfError, IncompleteCbfError, parse_header
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PATTERN = r"(?P<frame>\d+)\.cbf$"
+
+
+@dataclass
+class FrameRef:
+    """A frame handed on by the source: a complete file, or a record of its absence."""
+
+    seq: int  # hand-out order, 0, 1, 2... without gaps
+    frame: int
+    path: Path | None
+    landed: float  # time.time() when it was seen complete (or declared missing)
+    error: str | None = None  # missing / truncated / not a frame: why there is no data
+    missing: bool = False
+
+
+@dataclass
+class _Seen:
+    path: Path
+    size: int
+    changed: float  # last time the size changed
+    complete: bool = False
+    required: int | None = None
+    error: str | None = None
+
+
+def compile_pattern(pattern: str) -> re.Pattern:
+    try:
+        regex = re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"bad filename pattern {pattern!r}: {exc}") from exc
+    if "frame" not in regex.groupindex and regex.groups < 1:
+        raise ValueError("the filename pattern needs a group (?P<frame>...) giving the frame number")
+    return regex
+
+
+def frame_number(regex: re.Pattern, name: str) -> int | None:
+    match = regex.search(name)
+    if not match:
+        return None
+    try:
+        return int(match.group("frame") if "frame" in regex.groupindex else match.group(1))
+    except (TypeError, ValueError):
+        return None
+
+
+class LandingSource:
+    """Polls a directory (or a glob) and emits :class:`FrameRef` in frame order.
+
+    ``frames``: the frame numbers expected (a scan), or None to take whatever
+    comes, starting at ``first_frame`` (default: the lowest number seen).
+    ``live=False`` lists once and finishes (offline reduction).
+    """
+
+    def __init__(self, location: str | os.PathLike, pattern: str = DEFAULT_PATTERN,
+                 frames: Iterable[int] | None = None, first_frame: int | None = None,
+                 live: bool = True, poll_interval: float = 0.02, missing_timeout: float = 5.0,
+                 on_event: Callable[[str, str], None] | None = None, skip_frames: Iterable[int] = ()):
+        self.location = str(location)
+        self.regex = compile_pattern(pattern)
+        self.expected = sorted(set(frames)) if frames is not None else None
+        self.first_frame = first_frame
+        self.live = live
+        self.poll_interval = poll_interval
+        self.missing_timeout = missing_timeout
+        self.on_event = on_event or (lambda kind, text: logger.info("%s: %s", kind, text))
+        self.skip = set(skip_frames)  # already reduced (resume after a restart)
+        self._seen: dict[int, _Seen] = {}
+        self._reported: set[str] = set()
+        self._emitted_paths: dict[str, float] = {}
+        self._done_frames: set[int] = set()
+        self._dir_ok = True
+        self.seq = 0
+
+    # -- listing -------------------------------------------------------------
+    def _list(self) -> list[Path]:
+        if any(c in self.location for c in "*?["):
+            return [Path(p) for p in glob.glob(self.location)]
+        try:
+            with os.scandir(self.location) as entries:
+                paths = [Path(e.path) for e in entries if e.is_file(follow_symlinks=False)]
+        except OSError as exc:
+            if self._dir_ok:
+                self.on_event("landing", f"landing directory unavailable: {exc}")
+            self._dir_ok = False
+            return []
+        if not self._dir_ok:
+            self.on_event("landing", "landing directory is back")
+        self._dir_ok = True
+        return paths
+
+    def _report(self, key: str, kind: str, text: str) -> None:
+        if key not in self._reported:
+            self._reported.add(key)
+            self.on_event(kind, text)
+
+    def _update(self, now: float) -> None:
+        for path in self._list():
+            name = path.name
+            number = frame_number(self.regex, name)
+            if number is None:
+                self._report("name:" + name, "ignored", f"{name}: name does not match the frame pattern")
+                continue
+            if number in self._done_frames or number in self.skip:
+                if str(path) not in self._emitted_paths:
+                    self._report("dup:" + name, "duplicate",
+                                 f"{name}: frame {number} was already handed on; ignored")
+                continue
+            if self.expected is not None and not self._in_scan(number):
+                self._report("out:" + name, "ignored", f"{name}: frame {number} is outside the scan")
+                continue
+            seen = self._seen.get(number)
+            if seen is not None and seen.path != path:
+                self._report("dup:" + name, "duplicate",
+                             f"{name}: frame {number} already comes from {seen.path.name}; ignored")
+                continue
+            try:
+                size = path.stat().st_size
+            except OSError:
+                continue
+            if seen is None:
+                seen = self._seen[number] = _Seen(path, size, now)
+            elif size != seen.size:
+                seen.size, seen.changed = size, now
+            if not seen.complete:
+                self._check_complete(seen)
+
+    def _in_scan(self, number: int) -> bool:
+        import bisect
+
+        i = bisect.bisect_left(self.expected, number)
+        return i < len(self.expected) and self.expected[i] == number
+
+    def _check_complete(self, seen: _Seen) -> None:
+        if seen.required is None:
+            try:
+                with open(seen.path, "rb") as handle:
+                    head = handle.read(MAX_HEADER_BYTES)
+                seen.required = parse_header(head).required_size
+                seen.error = None
+            except IncompleteCbfError as exc:
+                seen.error = f"incomplete: {exc}"
+                return
+            except CbfError as exc:  # garbage with a frame-like name: a failed frame, right away
+                seen.error = f"not a usable CBF: {exc}"
+                seen.complete = True
+                return
+            except OSError as exc:
+                seen.error = f"unreadable: {exc}"
+                return
+        if seen.size >= seen.required:
+            seen.complete = True
+        else:
+            seen.error = f"truncated: {seen.size} of {seen.required} bytes"
+
+    # -- hand-out ------------------------------------------------------------
+    def _next_number(self) -> int | None:
+        """Frame number expected next, or None when the scan is complete."""
+        if self.expected is not None:
+            while self._cursor < len(self.expected) and self.expected[self._cursor] in self.skip:
+                self._cursor += 1
+            return self.expected[self._cursor] if self._cursor < len(self.expected) else None
+        if self._next is None:
+            if not self._seen:
+                return None
+            self._next = self.first_frame if self.first_frame is not None else min(self._seen)
+        while self._next in self.skip:
+            self._next += 1
+        return self._next
+
+    def _advance(self) -> None:
+        if self.expected is not None:
+            self._cursor += 1
+        else:
+            self._next += 1
+
+    def _emit(self, put, number: int, now: float, error: str | None, missing: bool) -> None:
+        seen = self._seen.pop(number, None)
+        path = seen.path if seen else None
+        ref = FrameRef(self.seq, number, path if not missing else None, now, error, missing)
+        self.seq += 1
+        self._done_frames.add(number)
+        if path is not None:
+            self._emitted_paths[str(path)] = now
+        if error:
+            self.on_event("missing" if missing else "failed", f"frame {number}: {error}")
+        put(ref)
+        self._advance()
+        self._waiting_since = None
+
+    def _later_seen(self, number: int) -> bool:
+        return any(n > number for n in self._seen)
+
+    def run(self, put: Callable[[FrameRef], None], stop: threading.Event, drain: threading.Event | None = None) -> None:
+        """Emit frames through ``put`` until the scan is done or ``stop`` is set.
+
+        ``drain`` (set by a Stop): hand on what has landed, declare the gaps
+        before the last landed frame missing, and finish without waiting.
+        """
+        self._cursor = 0
+        self._next = None
+        self._waiting_since: float | None = None
+        drain = drain or threading.Event()
+        while not stop.is_set():
+            now = time.time()
+            self._update(now)
+            finishing = drain.is_set() or not self.live
+            while True:
+                number = self._next_number()
+                if number is None:
+                    if self.expected is not None or finishing:
+                        return
+                    break
+                seen = self._seen.get(number)
+                if seen is not None and seen.complete:
+                    self._emit(put, number, now, seen.error, False)
+                    continue
+                later = self._later_seen(number)
+                if finishing:
+                    if not later:
+                        if seen is not None and not self.live:
+                            self._emit(put, number, now, seen.error or "incomplete", False)
+                            continue
+                        return
+                    self._emit(put, number, now, seen.error if seen else "missing (never landed)", seen is None)
+                    continue
+                if not later:
+                    self._waiting_since = None
+                    break
+                if self._waiting_since is None:
+                    self._waiting_since = now
+                quiet = now - max(self._waiting_since, seen.changed if seen else 0.0)
+                if quiet < self.missing_timeout:
+                    break
+                if seen is not None:
+                    self._emit(put, number, now, seen.error or "incomplete after time-out", False)
+                else:
+                    self._emit(put, number, now, f"missing (not landed {self.missing_timeout:g} s after later frames)",
+                               True)
+            stop.wait(self.poll_interval)
