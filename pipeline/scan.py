@@ -37,6 +37,21 @@ class ScanModel:
             raise ScanError("scan larger than 1e8 frames")
         if self.order not in ORDERS:
             raise ScanError(f"scan order must be one of {', '.join(ORDERS)}, got {self.order!r}")
+        if self.positions is not None:
+            self._check_positions()
+
+    def _check_positions(self) -> None:
+        """Every position inside the scan, no two frames in one cell (a negative index would wrap)."""
+        if not self.positions:
+            raise ScanError("positions given but empty")
+        cells: dict[tuple[int, int], int] = {}
+        for frame, (rot, trans) in sorted(self.positions.items()):
+            if not (0 <= rot < self.rotations and 0 <= trans < self.translations):
+                raise ScanError(f"frame {frame} at ({rot}, {trans}) lies outside the scan "
+                                f"{self.rotations}x{self.translations}")
+            if (rot, trans) in cells:
+                raise ScanError(f"frames {cells[(rot, trans)]} and {frame} both sit at ({rot}, {trans})")
+            cells[(rot, trans)] = frame
 
     @classmethod
     def parse(cls, text: str, **kwargs) -> ScanModel:
@@ -48,14 +63,20 @@ class ScanModel:
         return cls(rot, trans, **kwargs)
 
     @classmethod
-    def from_file(cls, path: str | Path, first_frame: int = 0) -> ScanModel:
-        """From a CSV with columns ``frame,rotation,translation`` (indices)."""
+    def from_file(cls, path: str | Path, first_frame: int | None = None) -> ScanModel:
+        """From a CSV with columns ``frame,rotation,translation`` (indices).
+
+        ``first_frame`` defaults to the lowest frame number listed.
+        """
         positions: dict[int, tuple[int, int]] = {}
         with open(path, newline="") as handle:
-            for row in csv.DictReader(handle):
+            reader = csv.DictReader(handle)
+            if reader.fieldnames:
+                reader.fieldnames = [name.strip().lower() for name in reader.fieldnames]
+            for row in reader:
                 try:
                     frame, rot, trans = int(row["frame"]), int(row["rotation"]), int(row["translation"])
-                except (KeyError, ValueError) as exc:
+                except (KeyError, ValueError, TypeError) as exc:  # TypeError: a short row gives None
                     raise ScanError(f"{path}: needs integer columns frame,rotation,translation") from exc
                 if frame in positions:
                     raise ScanError(f"{path}: frame {frame} listed twice")
@@ -66,7 +87,8 @@ class ScanModel:
         ntrans = max(p[1] for p in positions.values()) + 1
         if min(min(p) for p in positions.values()) < 0:
             raise ScanError(f"{path}: negative index")
-        return cls(nrot, ntrans, first_frame=first_frame, positions=positions)
+        return cls(nrot, ntrans, first_frame=min(positions) if first_frame is None else first_frame,
+                   positions=positions)
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -44,6 +44,7 @@ class _Seen:
     path: Path
     size: int
     changed: float  # last time the size changed
+    found: float = 0.0  # first time the file was seen
     complete: bool = False
     required: int | None = None
     error: str | None = None
@@ -92,18 +93,21 @@ class LandingSource:
         self.skip = set(skip_frames)  # already reduced (resume after a restart)
         self._seen: dict[int, _Seen] = {}
         self._reported: set[str] = set()
-        self._emitted_paths: dict[str, float] = {}
+        self._emitted_paths: dict[str, tuple[float, int, int]] = {}  # path -> (hand-out time, size, mtime_ns)
         self._done_frames: set[int] = set()
         self._dir_ok = True
         self.seq = 0
+        self._cursor = 0
+        self._next: int | None = None
 
     # -- listing -------------------------------------------------------------
     def _list(self) -> list[Path]:
         if any(c in self.location for c in "*?["):
-            return [Path(p) for p in glob.glob(self.location)]
+            return [Path(p) for p in sorted(glob.glob(self.location)) if os.path.isfile(p)]
         try:
             with os.scandir(self.location) as entries:
-                paths = [Path(e.path) for e in entries if e.is_file(follow_symlinks=False)]
+                names = sorted(e.path for e in entries if e.is_file(follow_symlinks=False))
+            paths = [Path(name) for name in names]
         except OSError as exc:
             if self._dir_ok:
                 self.on_event("landing", f"landing directory unavailable: {exc}")
@@ -126,11 +130,23 @@ class LandingSource:
             if number is None:
                 self._report("name:" + name, "ignored", f"{name}: name does not match the frame pattern")
                 continue
-            if number in self._done_frames or number in self.skip:
-                if str(path) not in self._emitted_paths:
+            if number in self.skip:  # reduced before a restart: expected to be there, not news
+                continue
+            if number in self._done_frames:
+                emitted = self._emitted_paths.get(str(path))
+                if emitted is None:
                     self._report("dup:" + name, "duplicate",
                                  f"{name}: frame {number} was already handed on; ignored")
+                elif now - emitted[0] < self._recheck_window:
+                    self._check_rewritten(path, number, emitted)
                 continue
+            if self.expected is None:
+                first = self._next if self._next is not None else self.first_frame
+                if first is not None and number < first:
+                    # without a scan, nothing below the frame due can be handed on any more
+                    self._report("late:" + name, "ignored",
+                                 f"{name}: frame {number} comes before frame {first}, which was due; ignored")
+                    continue
             if self.expected is not None and not self._in_scan(number):
                 self._report("out:" + name, "ignored", f"{name}: frame {number} is outside the scan")
                 continue
@@ -144,11 +160,25 @@ class LandingSource:
             except OSError:
                 continue
             if seen is None:
-                seen = self._seen[number] = _Seen(path, size, now)
+                seen = self._seen[number] = _Seen(path, size, now, found=now)
             elif size != seen.size:
                 seen.size, seen.changed = size, now
             if not seen.complete:
                 self._check_complete(seen)
+
+    @property
+    def _recheck_window(self) -> float:
+        """How long after hand-out a file is watched for being re-written."""
+        return max(1.0, 2 * self.missing_timeout)
+
+    def _check_rewritten(self, path: Path, number: int, emitted: tuple[float, int, int]) -> None:
+        try:
+            st = path.stat()
+        except OSError:
+            return
+        if (st.st_size, st.st_mtime_ns) != emitted[1:]:
+            self._report("rewritten:" + path.name, "duplicate",
+                         f"{path.name}: frame {number} was re-written after it was handed on; ignored")
 
     def _in_scan(self, number: int) -> bool:
         import bisect
@@ -175,6 +205,7 @@ class LandingSource:
                 return
         if seen.size >= seen.required:
             seen.complete = True
+            seen.error = None  # a file that grew to its full size is no longer truncated
         else:
             seen.error = f"truncated: {seen.size} of {seen.required} bytes"
 
@@ -206,15 +237,20 @@ class LandingSource:
         self.seq += 1
         self._done_frames.add(number)
         if path is not None:
-            self._emitted_paths[str(path)] = now
+            try:
+                st = path.stat()
+                self._emitted_paths[str(path)] = (now, st.st_size, st.st_mtime_ns)
+            except OSError:
+                self._emitted_paths[str(path)] = (now, -1, -1)
         if error:
             self.on_event("missing" if missing else "failed", f"frame {number}: {error}")
         put(ref)
         self._advance()
-        self._waiting_since = None
 
-    def _later_seen(self, number: int) -> bool:
-        return any(n > number for n in self._seen)
+    def _later_seen(self, number: int) -> float | None:
+        """When the first frame after ``number`` was seen, or None when none has been."""
+        times = [s.found for n, s in self._seen.items() if n > number]
+        return min(times) if times else None
 
     def run(self, put: Callable[[FrameRef], None], stop: threading.Event, drain: threading.Event | None = None) -> None:
         """Emit frames through ``put`` until the scan is done or ``stop`` is set.
@@ -224,7 +260,6 @@ class LandingSource:
         """
         self._cursor = 0
         self._next = None
-        self._waiting_since: float | None = None
         drain = drain or threading.Event()
         while not stop.is_set():
             now = time.time()
@@ -242,19 +277,24 @@ class LandingSource:
                     continue
                 later = self._later_seen(number)
                 if finishing:
-                    if not later:
+                    if later is None:
                         if seen is not None and not self.live:
                             self._emit(put, number, now, seen.error or "incomplete", False)
                             continue
+                        if seen is None and not self.live and self.expected is not None:
+                            # offline: the directory is all there will be
+                            self._emit(put, number, now, "missing (never landed)", True)
+                            continue
                         return
-                    self._emit(put, number, now, seen.error if seen else "missing (never landed)", seen is None)
+                    self._emit(put, number, now, (seen.error or "incomplete") if seen else "missing (never landed)",
+                               seen is None)
                     continue
-                if not later:
-                    self._waiting_since = None
+                if later is None and seen is None:
                     break
-                if self._waiting_since is None:
-                    self._waiting_since = now
-                quiet = now - max(self._waiting_since, seen.changed if seen else 0.0)
+                # The clock runs from when a later frame came (not from when this one became due, so a
+                # run of missing frames is declared at once) and from the last growth of a partial file;
+                # a partial file that stopped growing times out even when no later frame exists.
+                quiet = now - max(later or 0.0, seen.changed if seen else 0.0)
                 if quiet < self.missing_timeout:
                     break
                 if seen is not None:

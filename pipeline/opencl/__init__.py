@@ -1,0 +1,1 @@
+"""OpenCL engine: parallel byte-offset decoding and CSR integration on the device."""

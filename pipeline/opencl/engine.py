@@ -1,0 +1,293 @@
+"""OpenCL engine: a batch of compressed frames in, integrated patterns out.
+
+Per batch: the compressed streams are packed into page-locked host memory,
+copied to the device in one transfer, decoded by ``byte_offset.cl`` (three
+launches for the whole batch, no host synchronisation in between), integrated
+by ``integrate.cl`` straight from device memory, and only the patterns come
+back.  Several slots (each with its own command queue and buffers) let the
+copy of one batch overlap the kernels of another; the runner calls
+``integrate_batch`` from ``concurrency`` threads.  Any OpenCL error is raised as
+:class:`~pipeline.engines.EngineFailure` so the runner can redo the batch on
+the CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from ..cbf import CbfFrame, CorruptCbfError
+from ..engines import EngineFailure
+from ..geometry import IntegrationSetup
+from ..results import FrameResult
+
+logger = logging.getLogger(__name__)
+
+try:
+    import pyopencl as cl
+except ImportError as exc:  # pragma: no cover - reported by make_engine
+    raise ImportError(f"pyopencl is not importable: {exc}") from exc
+
+KERNEL_DIR = Path(__file__).parent
+CHUNK = 128
+SCAN_WG = 256
+INT_WG = 128
+ALIGN = 256
+
+
+def list_devices() -> list[tuple[int, int, object]]:
+    """(platform index, device index, device) for every OpenCL device."""
+    out = []
+    try:
+        platforms = cl.get_platforms()
+    except cl.Error:
+        return out
+    for pi, platform in enumerate(platforms):
+        try:
+            devices = platform.get_devices()
+        except cl.Error:
+            continue
+        for di, device in enumerate(devices):
+            out.append((pi, di, device))
+    return out
+
+
+def find_device(spec: str | None = None, gpu_only: bool = False):
+    """Pick a device by ``"P:D"`` indices or a substring of its name or platform; None when none fits.
+
+    Without a spec: the first GPU, else (unless ``gpu_only``) the first device.
+    """
+    devices = list_devices()
+    if spec:
+        spec_l = spec.lower()
+        for pi, di, dev in devices:
+            if spec_l == f"{pi}:{di}" or spec_l in dev.name.lower() or spec_l in dev.platform.name.lower():
+                return dev
+        return None
+    gpus = [d for _, _, d in devices if d.type & cl.device_type.GPU]
+    if gpus:
+        return gpus[0]
+    if gpu_only or not devices:
+        return None
+    return devices[0][2]
+
+
+class _Slot:
+    """Buffers and a command queue for one batch in flight."""
+
+    def __init__(self, engine: OpenCLEngine, index: int):
+        self.engine = engine
+        self.index = index
+        self.queue = cl.CommandQueue(engine.ctx, engine.device)
+        # kernels hold their arguments: one set per slot keeps concurrent batches apart
+        self.k = {name: cl.Kernel(engine.program, name) for name in ("bo_count", "bo_scan", "bo_write", "csr_integrate")}
+        self.capacity_raw = 0
+        self.capacity_chunks = 0
+        self.raw_dev = self.raw_pinned = self.raw_host = None
+        self.seg = None
+        n, nb = engine.batch_size, engine.setup.nbins
+        mf = cl.mem_flags
+        self.image = cl.Buffer(engine.ctx, mf.READ_WRITE, n * engine.setup.n_pixels * 4)
+        self.out = cl.Buffer(engine.ctx, mf.WRITE_ONLY, n * 3 * nb * 4)
+        self.out_pinned = cl.Buffer(engine.ctx, mf.READ_WRITE | mf.ALLOC_HOST_PTR, n * 3 * nb * 4)
+        self.out_host, _ = cl.enqueue_map_buffer(self.queue, self.out_pinned, cl.map_flags.READ | cl.map_flags.WRITE,
+                                                 0, (n, 3, nb), np.float32)
+        self.offsets = cl.Buffer(engine.ctx, mf.READ_ONLY, n * 8)
+        self.sizes = cl.Buffer(engine.ctx, mf.READ_ONLY, n * 4)
+        self.errors = cl.Buffer(engine.ctx, mf.READ_WRITE, n * 4)
+        self.offsets_host = np.zeros(n, np.int64)
+        self.sizes_host = np.zeros(n, np.int32)
+        self.errors_host = np.zeros(n, np.int32)
+
+    def ensure(self, raw_bytes: int, chunks: int) -> None:
+        """Grow the raw and segment buffers (rarely: sized for the largest batch seen)."""
+        ctx, mf = self.engine.ctx, cl.mem_flags
+        if raw_bytes > self.capacity_raw:
+            size = int(raw_bytes * 1.25) + ALIGN
+            self.raw_dev = cl.Buffer(ctx, mf.READ_ONLY, size)
+            self.raw_pinned = cl.Buffer(ctx, mf.READ_WRITE | mf.ALLOC_HOST_PTR, size)
+            self.raw_host, _ = cl.enqueue_map_buffer(self.queue, self.raw_pinned,
+                                                     cl.map_flags.READ | cl.map_flags.WRITE, 0, (size,), np.uint8)
+            self.capacity_raw = size
+        if chunks > self.capacity_chunks:
+            n = int(chunks * 1.25) + 64
+            self.seg = [cl.Buffer(ctx, mf.READ_WRITE, n * 8), cl.Buffer(ctx, mf.READ_WRITE, n * 8)] + \
+                       [cl.Buffer(ctx, mf.READ_WRITE, n * 4) for _ in range(4)]
+            self.capacity_chunks = n
+
+
+class OpenCLEngine:
+    """Batched decode + integrate on an OpenCL device."""
+
+    name = "opencl"
+
+    def __init__(self, setup: IntegrationSetup, device=None, batch_size: int = 32, slots: int = 3,
+                 pack_threads: int = 4):
+        self.setup = setup
+        self.device = device if device is not None else find_device()
+        if self.device is None:
+            raise EngineFailure("no OpenCL device")
+        self.batch_size = max(1, int(batch_size))
+        self.concurrency = max(1, int(slots))
+        self.timings: dict[str, float] = {"pack": 0.0, "gpu": 0.0, "frames": 0}
+        try:
+            self.ctx = cl.Context([self.device])
+            self.program = self._build()
+            self._upload_static()
+            self._slots: queue.Queue = queue.Queue()
+            for i in range(self.concurrency):
+                self._slots.put(_Slot(self, i))
+        except cl.Error as exc:
+            raise EngineFailure(f"OpenCL set-up failed on {self.device.name}: {exc}") from exc
+        self._pack_pool = ThreadPoolExecutor(pack_threads, thread_name_prefix="xrdct-pack") if pack_threads else None
+        self._lock = threading.Lock()
+
+    @property
+    def description(self) -> str:
+        return (f"opencl: {self.device.name.strip()} ({self.device.platform.name.strip()}), "
+                f"batch {self.batch_size}, {self.concurrency} slots")
+
+    def _build(self):
+        source = (KERNEL_DIR / "byte_offset.cl").read_text() + "\n" + (KERNEL_DIR / "integrate.cl").read_text()
+        options = [f"-DCHUNK={CHUNK}", f"-DSCAN_WG={SCAN_WG}", f"-DINT_WG={INT_WG}"]
+        return cl.Program(self.ctx, source).build(options=options)
+
+    def _upload_static(self) -> None:
+        s = self.setup
+        mf = cl.mem_flags
+        ro = mf.READ_ONLY | mf.COPY_HOST_PTR
+
+        def buf(a):
+            return cl.Buffer(self.ctx, ro, hostbuf=np.ascontiguousarray(a))
+
+        self.coef = buf(s.csr_data.astype(np.float32))
+        self.indices = buf(s.csr_indices.astype(np.int32))
+        self.indptr = buf(s.csr_indptr.astype(np.int32))
+        self.norm = buf(s.norm.astype(np.float32))
+        self.static_norm = buf(s.static_norm.astype(np.float64))
+        self.static_count = buf(s.static_count.astype(np.float64))
+        lo, hi, active = s.dummy_range
+        self.dummy = (np.float32(lo), np.float32(hi), np.int32(1 if active else 0))
+        self.poisson = np.int32(1 if s.config.error_model == "poisson" else 0)
+
+    # -- public ---------------------------------------------------------------
+    def integrate_batch(self, frames: list[CbfFrame]) -> list[FrameResult | Exception]:
+        out: list[FrameResult | Exception] = []
+        for start in range(0, len(frames), self.batch_size):
+            out.extend(self._run(frames[start:start + self.batch_size], integrate=True))
+        return out
+
+    def decode_batch(self, frames: list[CbfFrame]) -> list[np.ndarray | Exception]:
+        """Decoded int32 images (for tests and checks; the pipeline never needs them on the host)."""
+        out: list = []
+        for start in range(0, len(frames), self.batch_size):
+            out.extend(self._run(frames[start:start + self.batch_size], integrate=False))
+        return out
+
+    # -- internals ------------------------------------------------------------
+    def _run(self, frames: list[CbfFrame], integrate: bool):
+        setup = self.setup
+        results: list = [None] * len(frames)
+        good = []
+        for i, f in enumerate(frames):
+            if f.shape != setup.shape:
+                results[i] = CorruptCbfError(f"frame shape {f.shape} differs from the detector's {setup.shape}")
+            else:
+                good.append(i)
+        if not good:
+            return results
+        slot = self._slots.get()
+        try:
+            self._process(slot, [frames[i] for i in good], [(i, results) for i in good], integrate)
+        except cl.Error as exc:
+            raise EngineFailure(f"OpenCL error on {self.device.name}: {exc}") from exc
+        finally:
+            self._slots.put(slot)
+        return results
+
+    def _process(self, slot: _Slot, frames: list[CbfFrame], places, integrate: bool) -> None:
+        setup = self.setup
+        n = len(frames)
+        sizes = np.array([f.header.binary_size for f in frames], dtype=np.int64)
+        offsets = np.zeros(n, dtype=np.int64)
+        offsets[1:] = np.cumsum((sizes + ALIGN - 1) // ALIGN * ALIGN)[:-1]
+        total = int(offsets[-1] + sizes[-1]) + 16
+        max_chunks = int((sizes.max() + CHUNK - 1) // CHUNK)
+        slot.ensure(total, n * max_chunks)
+        t0 = time.perf_counter()
+        host = slot.raw_host
+
+        def pack(k: int) -> None:
+            host[offsets[k]:offsets[k] + sizes[k]] = np.frombuffer(frames[k].raw, dtype=np.uint8)
+
+        if self._pack_pool is not None and n > 1:
+            list(self._pack_pool.map(pack, range(n)))
+        else:
+            for k in range(n):
+                pack(k)
+        slot.offsets_host[:n] = offsets
+        slot.sizes_host[:n] = sizes
+        slot.errors_host[:n] = 0
+        t1 = time.perf_counter()
+        q = slot.queue
+        cl.enqueue_copy(q, slot.raw_dev, host[:total], is_blocking=False)
+        cl.enqueue_copy(q, slot.offsets, slot.offsets_host, is_blocking=False)
+        cl.enqueue_copy(q, slot.sizes, slot.sizes_host, is_blocking=False)
+        cl.enqueue_copy(q, slot.errors, slot.errors_host, is_blocking=False)
+        off_buf, size_buf, err_buf = slot.offsets, slot.sizes, slot.errors
+        seg_start, seg_end, seg_count, seg_sum, seg_pos, seg_base = slot.seg
+        mc = np.int32(max_chunks)
+        gsize = ((max_chunks + 63) // 64 * 64, n)
+        p = slot.k
+        p["bo_count"](q, gsize, (64, 1), slot.raw_dev, off_buf, size_buf, seg_start, seg_end, seg_count, seg_sum,
+                   err_buf, mc)
+        p["bo_scan"](q, (SCAN_WG * n,), (SCAN_WG,), seg_count, seg_sum, seg_pos, seg_base, err_buf, mc,
+                  np.int32(setup.n_pixels))
+        p["bo_write"](q, gsize, (64, 1), slot.raw_dev, off_buf, size_buf, seg_start, seg_end, seg_pos, seg_base,
+                   slot.image, mc, np.int32(setup.n_pixels))
+        errors = slot.errors_host[:n]
+        cl.enqueue_copy(q, errors, err_buf, is_blocking=False)
+        if integrate:
+            nb = setup.nbins
+            lo, hi, active = self.dummy
+            p["csr_integrate"](q, (nb * INT_WG, n), (INT_WG, 1), slot.image, np.int32(setup.n_pixels), self.coef,
+                            self.indices, self.indptr, self.norm, self.static_norm, self.static_count, lo, hi,
+                            active, self.poisson, np.float32(setup.empty), slot.out, np.int32(nb))
+            res = slot.out_host[:n]
+            cl.enqueue_copy(q, res, slot.out, is_blocking=False)
+            q.finish()
+            poisson = bool(self.poisson)
+            for k, (i, results) in enumerate(places):
+                if errors[k]:
+                    results[i] = self._explain(frames[k], errors[k])
+                else:
+                    results[i] = FrameResult(intensity=res[k, 0].copy(), sigma=res[k, 1].copy() if poisson else None,
+                                             count=res[k, 2].copy())
+        else:
+            images = np.empty((n, setup.n_pixels), np.int32)
+            cl.enqueue_copy(q, images, slot.image, is_blocking=True)
+            q.finish()
+            for k, (i, results) in enumerate(places):
+                results[i] = self._explain(frames[k], errors[k]) if errors[k] else images[k].reshape(setup.shape)
+        t2 = time.perf_counter()
+        with self._lock:
+            self.timings["pack"] += t1 - t0
+            self.timings["gpu"] += t2 - t1
+            self.timings["frames"] += n
+
+    @staticmethod
+    def _explain(frame: CbfFrame, flags: int) -> Exception:
+        """A frame the device could not decode: let the CPU decoder name the exact problem."""
+        from ..decode import decode
+
+        try:
+            decode(frame)
+        except CorruptCbfError as exc:
+            return exc
+        return CorruptCbfError(f"device decoder flagged the stream (code {flags}) but the CPU decodes it")
