@@ -83,7 +83,7 @@ class Reducer:
     def __init__(self, config: ReductionConfig, landing: str | Path, output: str | Path,
                  scan: ScanModel | None = None, pattern: str = DEFAULT_PATTERN, live: bool = True,
                  missing_timeout: float = 5.0, poll_interval: float = 0.02, readers: int = 2,
-                 setup: IntegrationSetup | None = None,
+                 setup: IntegrationSetup | None = None, engine=None,
                  on_result: Callable[[int, FrameResult], None] | None = None,
                  on_event: Callable[[str, str], None] | None = None):
         self.config = config
@@ -106,7 +106,7 @@ class Reducer:
         self._main: threading.Thread | None = None
         self._rate = _Rate()
         self._latencies: collections.deque = collections.deque(maxlen=200)
-        self.engine = None
+        self.engine = engine
         self.last_result: tuple[int, FrameResult] | None = None
         self.error: BaseException | None = None
         self.t_start = 0.0
@@ -174,7 +174,8 @@ class Reducer:
         try:
             if self.setup is None:
                 self.setup = build_setup(self.config)
-            self.engine = make_engine(self.setup, self.config, on_event=self._event)
+            if self.engine is None:
+                self.engine = make_engine(self.setup, self.config, on_event=self._event)
             scan = self.scan
             with self._lock:
                 self.metrics.engine = self.engine.description

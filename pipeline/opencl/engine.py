@@ -81,10 +81,12 @@ def find_device(spec: str | None = None, gpu_only: bool = False):
 class _Slot:
     """Buffers and a command queue for one batch in flight."""
 
-    def __init__(self, engine: OpenCLEngine, index: int):
+    def __init__(self, engine: OpenCLEngine, index: int, profiling: bool = False):
         self.engine = engine
         self.index = index
-        self.queue = cl.CommandQueue(engine.ctx, engine.device)
+        props = cl.command_queue_properties.PROFILING_ENABLE if profiling else 0
+        self.queue = cl.CommandQueue(engine.ctx, engine.device, properties=props)
+        self.events: dict[str, object] = {}
         # kernels hold their arguments: one set per slot keeps concurrent batches apart
         self.k = {name: cl.Kernel(engine.program, name) for name in ("bo_count", "bo_scan", "bo_write", "csr_integrate")}
         self.capacity_raw = 0
@@ -236,7 +238,8 @@ class OpenCLEngine:
         slot.errors_host[:n] = 0
         t1 = time.perf_counter()
         q = slot.queue
-        cl.enqueue_copy(q, slot.raw_dev, host[:total], is_blocking=False)
+        ev = slot.events
+        ev["copy-in"] = cl.enqueue_copy(q, slot.raw_dev, host[:total], is_blocking=False)
         cl.enqueue_copy(q, slot.offsets, slot.offsets_host, is_blocking=False)
         cl.enqueue_copy(q, slot.sizes, slot.sizes_host, is_blocking=False)
         cl.enqueue_copy(q, slot.errors, slot.errors_host, is_blocking=False)
@@ -245,22 +248,22 @@ class OpenCLEngine:
         mc = np.int32(max_chunks)
         gsize = ((max_chunks + 63) // 64 * 64, n)
         p = slot.k
-        p["bo_count"](q, gsize, (64, 1), slot.raw_dev, off_buf, size_buf, seg_start, seg_end, seg_count, seg_sum,
+        ev["decode:count"] = p["bo_count"](q, gsize, (64, 1), slot.raw_dev, off_buf, size_buf, seg_start, seg_end, seg_count, seg_sum,
                    err_buf, mc)
-        p["bo_scan"](q, (SCAN_WG * n,), (SCAN_WG,), seg_count, seg_sum, seg_pos, seg_base, err_buf, mc,
+        ev["decode:scan"] = p["bo_scan"](q, (SCAN_WG * n,), (SCAN_WG,), seg_count, seg_sum, seg_pos, seg_base, err_buf, mc,
                   np.int32(setup.n_pixels))
-        p["bo_write"](q, gsize, (64, 1), slot.raw_dev, off_buf, size_buf, seg_start, seg_end, seg_pos, seg_base,
+        ev["decode:write"] = p["bo_write"](q, gsize, (64, 1), slot.raw_dev, off_buf, size_buf, seg_start, seg_end, seg_pos, seg_base,
                    slot.image, mc, np.int32(setup.n_pixels))
         errors = slot.errors_host[:n]
         cl.enqueue_copy(q, errors, err_buf, is_blocking=False)
         if integrate:
             nb = setup.nbins
             lo, hi, active = self.dummy
-            p["csr_integrate"](q, (nb * INT_WG, n), (INT_WG, 1), slot.image, np.int32(setup.n_pixels), self.coef,
+            ev["integrate"] = p["csr_integrate"](q, (nb * INT_WG, n), (INT_WG, 1), slot.image, np.int32(setup.n_pixels), self.coef,
                             self.indices, self.indptr, self.norm, self.static_norm, self.static_count, lo, hi,
                             active, self.poisson, np.float32(setup.empty), slot.out, np.int32(nb))
             res = slot.out_host[:n]
-            cl.enqueue_copy(q, res, slot.out, is_blocking=False)
+            ev["copy-out"] = cl.enqueue_copy(q, res, slot.out, is_blocking=False)
             q.finish()
             poisson = bool(self.poisson)
             for k, (i, results) in enumerate(places):
@@ -280,6 +283,28 @@ class OpenCLEngine:
             self.timings["pack"] += t1 - t0
             self.timings["gpu"] += t2 - t1
             self.timings["frames"] += n
+
+    def profile(self, blobs: list[bytes], repeats: int = 5) -> dict[str, float]:
+        """Milliseconds per frame of each stage, from OpenCL profiling events and host clocks."""
+        from ..cbf import parse_frame
+
+        t0 = time.perf_counter()
+        frames = [parse_frame(b) for b in blobs]
+        t_parse = (time.perf_counter() - t0) / len(frames)
+        slot = _Slot(self, -1, profiling=True)
+        stages: dict[str, list[float]] = {}
+        for _ in range(repeats + 1):
+            results: list = [None] * len(frames)
+            t0 = time.perf_counter()
+            self._process(slot, frames, [(i, results) for i in range(len(frames))], True)
+            wall = time.perf_counter() - t0
+            for name, event in slot.events.items():
+                stages.setdefault(name, []).append((event.profile.end - event.profile.start) * 1e-9)
+            stages.setdefault("batch wall", []).append(wall)
+        n = len(frames)
+        out = {name: 1e3 * float(np.median(v[1:])) / n for name, v in stages.items()}
+        out["parse (host)"] = 1e3 * t_parse
+        return out
 
     @staticmethod
     def _explain(frame: CbfFrame, flags: int) -> Exception:
