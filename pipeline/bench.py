@@ -173,8 +173,10 @@ def run_bench(args) -> int:
     from .engines import make_engine
 
     shm = Path("/dev/shm")
-    base = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(
-        prefix="xrdct-bench-", dir=shm if shm.is_dir() and os.access(shm, os.W_OK) else None))
+    need = args.frames * 2.6e6 * 1.3
+    use_shm = shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > need
+    base = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="xrdct-bench-",
+                                                                         dir=shm if use_shm else None))
     frames_dir = base / "frames"
     n_distinct = min(args.frames, 32)
     print(f"preparing {args.frames} frames ({n_distinct} distinct simulated Pilatus3 2M CdTe frames) in {frames_dir}")

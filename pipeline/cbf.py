@@ -9,10 +9,11 @@ what keeps a half-written NFS file from turning into a silently wrong frame.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -72,7 +73,15 @@ class CbfHeader:
     md5: str | None = None
     element_type: str = "signed 32-bit integer"
     conversions: str = "x-CBF_BYTE_OFFSET"
-    pilatus: dict = field(default_factory=dict)
+    text: bytes = b""  # the header text before the binary section (parsed on demand)
+
+    @functools.cached_property
+    def pilatus(self) -> dict:
+        """Acquisition metadata of the Pilatus header (exposure, wavelength, distance...)."""
+        try:
+            return _parse_pilatus(self.text.decode("ascii", errors="replace"))
+        except ValueError:  # a malformed number in free text is not worth losing a frame over
+            return {}
 
     @property
     def required_size(self) -> int:
@@ -96,16 +105,19 @@ def _parse_pilatus(text: str) -> dict:
     return out
 
 
-def parse_header(head: bytes) -> CbfHeader:
+_MIME_START = b"--CIF-BINARY-FORMAT-SECTION--"
+
+
+def parse_header(head: bytes | bytearray) -> CbfHeader:
     """Parse the part of a CBF file up to and including the binary marker.
 
     ``head`` may contain more bytes (the whole file); only the text before the
-    marker is read.  Raises :class:`NotACbfError` for anything that is not a
-    byte-offset CBF and :class:`IncompleteCbfError` when the marker or the MIME
-    header has not been written yet.
+    marker is read, and nothing is copied.  Raises :class:`NotACbfError` for
+    anything that is not a byte-offset CBF and :class:`IncompleteCbfError`
+    when the marker or the MIME header has not been written yet.
     """
     if not head.startswith(CBF_MAGIC):
-        if len(head) < len(CBF_MAGIC) and CBF_MAGIC.startswith(head):
+        if len(head) < len(CBF_MAGIC) and CBF_MAGIC.startswith(bytes(head)):
             raise IncompleteCbfError("file is empty or shorter than the CBF magic")
         raise NotACbfError("does not start with ###CBF")
     marker = head.find(BINARY_MARKER, 0, MAX_HEADER_BYTES)
@@ -113,9 +125,11 @@ def parse_header(head: bytes) -> CbfHeader:
         if len(head) < MAX_HEADER_BYTES:
             raise IncompleteCbfError("binary section marker not written yet")
         raise NotACbfError("no binary section marker in the first 64 KiB")
-    text = head[:marker]
+    text = bytes(head[:marker])
+    mime_start = text.rfind(_MIME_START)
+    mime_text = text[mime_start:] if mime_start >= 0 else text
     mime: dict[str, bytes] = {}
-    for key, value in _MIME_RE.findall(text):
+    for key, value in _MIME_RE.findall(mime_text):
         mime[key.decode()] = value
     values: dict[str, int] = {}
     for key, name in _MIME_KEYS.items():
@@ -129,7 +143,7 @@ def parse_header(head: bytes) -> CbfHeader:
     for name in ("binary_size", "dim_fast", "dim_slow"):
         if name not in values:
             raise CorruptCbfError(f"MIME header lacks {name}")
-    conv = _CONVERSIONS_RE.search(text)
+    conv = _CONVERSIONS_RE.search(mime_text)
     conversions = conv.group(1).decode() if conv else "unknown"
     if conversions != "x-CBF_BYTE_OFFSET":
         raise CorruptCbfError(f"unsupported compression {conversions!r} (only x-CBF_BYTE_OFFSET)")
@@ -146,10 +160,6 @@ def parse_header(head: bytes) -> CbfHeader:
     if values["binary_size"] <= 0:
         raise CorruptCbfError("X-Binary-Size must be positive")
     md5 = mime.get("Content-MD5")
-    try:
-        pilatus = _parse_pilatus(text.decode("ascii", errors="replace"))
-    except ValueError:  # a malformed number in free text is not worth losing a frame over
-        pilatus = {}
     return CbfHeader(
         binary_offset=marker + len(BINARY_MARKER),
         binary_size=values["binary_size"],
@@ -159,7 +169,7 @@ def parse_header(head: bytes) -> CbfHeader:
         md5=md5.decode() if md5 else None,
         element_type=etype,
         conversions=conversions,
-        pilatus=pilatus,
+        text=text,
     )
 
 
@@ -169,6 +179,8 @@ class CbfFrame:
 
     header: CbfHeader
     raw: memoryview  # exactly header.binary_size bytes
+    release: object = None  # called once the bytes are no longer needed (pinned staging memory)
+    pinned: bool = False  # the bytes sit in page-locked memory the device can copy from directly
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -186,7 +198,7 @@ class CbfFrame:
 def parse_frame(buffer: bytes | bytearray | memoryview, check_md5: bool = False) -> CbfFrame:
     """Split a whole CBF file held in memory into header and compressed stream."""
     view = memoryview(buffer).cast("B")
-    header = parse_header(bytes(view[:MAX_HEADER_BYTES]))
+    header = parse_header(buffer if isinstance(buffer, (bytes, bytearray)) else bytes(view[:MAX_HEADER_BYTES]))
     if len(view) < header.required_size:
         raise IncompleteCbfError(
             f"binary section has {max(0, len(view) - header.binary_offset)} of {header.binary_size} bytes"

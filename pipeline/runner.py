@@ -146,7 +146,9 @@ class Reducer:
         with self._lock:
             m = Metrics(**{k: getattr(self.metrics, k) for k in Metrics.__dataclass_fields__})
             m.events = list(self.metrics.events[-20:])
+            latencies = list(self._latencies)
         now = time.time()
+        m.latency = float(np.median(latencies)) if latencies else 0.0
         m.throughput = self._rate.value(now)
         m.elapsed = (self.t_end or now) - self.t_start if self.t_start else 0.0
         return m
@@ -242,8 +244,12 @@ class Reducer:
                     return
                 item = (ref, None, ref.error)
                 if ref.path is not None and ref.error is None:
+                    load = getattr(self.engine, "load", None)
                     try:
-                        item = (ref, parse_frame(ref.path.read_bytes(), self.config.check_md5), None)
+                        if load is not None:
+                            item = (ref, load(ref.path, self.config.check_md5), None)
+                        else:
+                            item = (ref, parse_frame(ref.path.read_bytes(), self.config.check_md5), None)
                     except (CbfError, OSError) as exc:
                         item = (ref, None, f"{type(exc).__name__}: {exc}")
                 frames.put(item)
@@ -359,7 +365,6 @@ class Reducer:
                     if status == STATUS_OK:
                         m.frames_processed += 1
                         self._latencies.append(now - ref.landed)
-                        m.latency = float(np.median(self._latencies))
                     elif status == STATUS_MISSING:
                         m.frames_missing += 1
                     else:

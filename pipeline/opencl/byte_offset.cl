@@ -125,26 +125,45 @@ kernel void bo_scan(global const uint *seg_count, global const uint *seg_sum, gl
 
 kernel void bo_write(global const uchar *raw, global const long *frame_offset, global const int *frame_size,
                      global const long *seg_start, global const long *seg_end, global const uint *seg_pos,
-                     global const uint *seg_base, global int *image, const int max_chunks, const int npix)
+                     global const uint *seg_count, global const uint *seg_base, global int *image,
+                     const int max_chunks, const int npix)
 {
+    /* Values of the work-group's consecutive segments are contiguous in the image: decode them into
+     * local memory, then write the whole range with coalesced stores (one thread per chunk writing
+     * its own run would make every store of a warp hit a different cache line). */
+    local int lout[WRITE_WG * CHUNK];
     const int c = get_global_id(0);
     const int f = get_global_id(1);
-    if (c >= max_chunks) return;
-    const int idx = f * max_chunks + c;
-    long p = seg_start[idx];
-    const long e = seg_end[idx];
-    if (p >= e) return;
-    const long size = frame_size[f];
-    global const uchar *s = raw + frame_offset[f];
+    const int lid = get_local_id(0);
+    const int c0 = get_group_id(0) * WRITE_WG;
+    const int clast = min(c0 + WRITE_WG, max_chunks) - 1;
     global int *out = image + (long)f * npix;
-    uint pos = seg_pos[idx];
-    uint v = seg_base[idx];
-    while (p < e) {
-        int len = token_len(s, p, size);
-        if (len == 0) break;
-        v += token_delta(s, p, len);
-        if (pos < (uint)npix) out[pos] = (int)v;
-        pos++;
-        p += len;
+    const long fbase = (long)f * max_chunks;
+    const uint base = seg_pos[fbase + c0];
+    const uint total = seg_pos[fbase + clast] + seg_count[fbase + clast] - base;
+    const int staged = total <= WRITE_WG * CHUNK;
+    if (c < max_chunks) {
+        const int idx = fbase + c;
+        long p = seg_start[idx];
+        const long e = seg_end[idx];
+        const long size = frame_size[f];
+        global const uchar *s = raw + frame_offset[f];
+        uint pos = seg_pos[idx];
+        uint v = seg_base[idx];
+        while (p < e) {
+            int len = token_len(s, p, size);
+            if (len == 0) break;
+            v += token_delta(s, p, len);
+            if (staged) lout[pos - base] = (int)v;
+            else if (pos < (uint)npix) out[pos] = (int)v;
+            pos++;
+            p += len;
+        }
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    if (staged) {
+        for (uint i = lid; i < total; i += WRITE_WG) {
+            if (base + i < (uint)npix) out[base + i] = lout[i];
+        }
     }
 }

@@ -13,7 +13,9 @@ the CPU.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import queue
 import threading
 import time
@@ -36,6 +38,7 @@ except ImportError as exc:  # pragma: no cover - reported by make_engine
 
 KERNEL_DIR = Path(__file__).parent
 CHUNK = 128
+WRITE_WG = 32
 SCAN_WG = 256
 INT_WG = 128
 ALIGN = 256
@@ -76,6 +79,38 @@ def find_device(spec: str | None = None, gpu_only: bool = False):
     if gpu_only or not devices:
         return None
     return devices[0][2]
+
+
+class PinnedArena:
+    """Page-locked host memory cut into equal slots, each holding one whole CBF file.
+
+    Readers read files straight into a slot (one copy, from the page cache),
+    and the device copies the stream from there at full PCIe speed: no
+    second host copy and no pageable-memory staging by the driver.
+    """
+
+    def __init__(self, ctx, device, slots: int, slot_bytes: int):
+        self.slot_bytes = slot_bytes
+        self.buffer = cl.Buffer(ctx, cl.mem_flags.READ_WRITE | cl.mem_flags.ALLOC_HOST_PTR, slots * slot_bytes)
+        self._queue = cl.CommandQueue(ctx, device)
+        self.host, _ = cl.enqueue_map_buffer(self._queue, self.buffer, cl.map_flags.READ | cl.map_flags.WRITE,
+                                             0, (slots * slot_bytes,), np.uint8)
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        for i in range(slots):
+            self._free.put(i)
+
+    def take(self, timeout: float = 0.05) -> int | None:
+        try:
+            return self._free.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def give(self, index: int) -> None:
+        self._free.put(index)
+
+    def view(self, index: int, size: int) -> np.ndarray:
+        start = index * self.slot_bytes
+        return self.host[start:start + size]
 
 
 class _Slot:
@@ -130,7 +165,7 @@ class OpenCLEngine:
     name = "opencl"
 
     def __init__(self, setup: IntegrationSetup, device=None, batch_size: int = 32, slots: int = 3,
-                 pack_threads: int = 4):
+                 pack_threads: int = 4, staging_frames: int | None = None, staging_bytes: int | None = None):
         self.setup = setup
         self.device = device if device is not None else find_device()
         if self.device is None:
@@ -145,6 +180,11 @@ class OpenCLEngine:
             self._slots: queue.Queue = queue.Queue()
             for i in range(self.concurrency):
                 self._slots.put(_Slot(self, i))
+            n_pixels = setup.n_pixels
+            # a byte-offset stream holds at most 7 bytes a pixel in practice; typical Pilatus frames ~1
+            self.arena = PinnedArena(self.ctx, self.device,
+                                     staging_frames or self.batch_size * (self.concurrency + 3) + 16,
+                                     staging_bytes or (n_pixels + n_pixels // 2 + 65536 + 4095) // 4096 * 4096)
         except cl.Error as exc:
             raise EngineFailure(f"OpenCL set-up failed on {self.device.name}: {exc}") from exc
         self._pack_pool = ThreadPoolExecutor(pack_threads, thread_name_prefix="xrdct-pack") if pack_threads else None
@@ -157,7 +197,7 @@ class OpenCLEngine:
 
     def _build(self):
         source = (KERNEL_DIR / "byte_offset.cl").read_text() + "\n" + (KERNEL_DIR / "integrate.cl").read_text()
-        options = [f"-DCHUNK={CHUNK}", f"-DSCAN_WG={SCAN_WG}", f"-DINT_WG={INT_WG}"]
+        options = [f"-DCHUNK={CHUNK}", f"-DSCAN_WG={SCAN_WG}", f"-DINT_WG={INT_WG}", f"-DWRITE_WG={WRITE_WG}"]
         return cl.Program(self.ctx, source).build(options=options)
 
     def _upload_static(self) -> None:
@@ -179,6 +219,32 @@ class OpenCLEngine:
         self.poisson = np.int32(1 if s.config.error_model == "poisson" else 0)
 
     # -- public ---------------------------------------------------------------
+    def load(self, path, check_md5: bool = False) -> CbfFrame:
+        """Read a CBF file into page-locked memory (ordinary memory when none is free or it is too big)."""
+        from ..cbf import parse_frame
+
+        index = self.arena.take()
+        if index is None:
+            return parse_frame(Path(path).read_bytes(), check_md5)
+        try:
+            with open(path, "rb", buffering=0) as handle:
+                size = os.fstat(handle.fileno()).st_size
+                if size > self.arena.slot_bytes:
+                    self.arena.give(index)
+                    index = None
+                    handle.seek(0)
+                    return parse_frame(handle.read(), check_md5)
+                view = self.arena.view(index, size)
+                got = handle.readinto(memoryview(view))
+            frame = parse_frame(memoryview(view[:got]), check_md5)
+        except BaseException:
+            if index is not None:
+                self.arena.give(index)
+            raise
+        frame.release = functools.partial(self.arena.give, index)
+        frame.pinned = True
+        return frame
+
     def integrate_batch(self, frames: list[CbfFrame]) -> list[FrameResult | Exception]:
         out: list[FrameResult | Exception] = []
         for start in range(0, len(frames), self.batch_size):
@@ -208,9 +274,14 @@ class OpenCLEngine:
         try:
             self._process(slot, [frames[i] for i in good], [(i, results) for i in good], integrate)
         except cl.Error as exc:
+            # the frames' bytes stay valid (not released) for the CPU engine that redoes them
             raise EngineFailure(f"OpenCL error on {self.device.name}: {exc}") from exc
         finally:
             self._slots.put(slot)
+        for frame in frames:
+            if frame.release is not None:
+                frame.release()
+                frame.release = None
         return results
 
     def _process(self, slot: _Slot, frames: list[CbfFrame], places, integrate: bool) -> None:
@@ -225,13 +296,15 @@ class OpenCLEngine:
         t0 = time.perf_counter()
         host = slot.raw_host
 
+        unpinned = [k for k in range(n) if not getattr(frames[k], "pinned", False)]
+
         def pack(k: int) -> None:
             host[offsets[k]:offsets[k] + sizes[k]] = np.frombuffer(frames[k].raw, dtype=np.uint8)
 
-        if self._pack_pool is not None and n > 1:
-            list(self._pack_pool.map(pack, range(n)))
+        if self._pack_pool is not None and len(unpinned) > 1:
+            list(self._pack_pool.map(pack, unpinned))
         else:
-            for k in range(n):
+            for k in unpinned:
                 pack(k)
         slot.offsets_host[:n] = offsets
         slot.sizes_host[:n] = sizes
@@ -239,7 +312,12 @@ class OpenCLEngine:
         t1 = time.perf_counter()
         q = slot.queue
         ev = slot.events
-        ev["copy-in"] = cl.enqueue_copy(q, slot.raw_dev, host[:total], is_blocking=False)
+        if unpinned:
+            ev["copy-in"] = cl.enqueue_copy(q, slot.raw_dev, host[:total], is_blocking=False)
+        for k in range(n):
+            if k not in unpinned:  # straight from the reader's page-locked slot
+                ev["copy-in"] = cl.enqueue_copy(q, slot.raw_dev, np.frombuffer(frames[k].raw, np.uint8),
+                                                dst_offset=int(offsets[k]), is_blocking=False)
         cl.enqueue_copy(q, slot.offsets, slot.offsets_host, is_blocking=False)
         cl.enqueue_copy(q, slot.sizes, slot.sizes_host, is_blocking=False)
         cl.enqueue_copy(q, slot.errors, slot.errors_host, is_blocking=False)
@@ -247,13 +325,15 @@ class OpenCLEngine:
         seg_start, seg_end, seg_count, seg_sum, seg_pos, seg_base = slot.seg
         mc = np.int32(max_chunks)
         gsize = ((max_chunks + 63) // 64 * 64, n)
+        wsize = ((max_chunks + WRITE_WG - 1) // WRITE_WG * WRITE_WG, n)
         p = slot.k
         ev["decode:count"] = p["bo_count"](q, gsize, (64, 1), slot.raw_dev, off_buf, size_buf, seg_start, seg_end, seg_count, seg_sum,
                    err_buf, mc)
         ev["decode:scan"] = p["bo_scan"](q, (SCAN_WG * n,), (SCAN_WG,), seg_count, seg_sum, seg_pos, seg_base, err_buf, mc,
                   np.int32(setup.n_pixels))
-        ev["decode:write"] = p["bo_write"](q, gsize, (64, 1), slot.raw_dev, off_buf, size_buf, seg_start, seg_end, seg_pos, seg_base,
-                   slot.image, mc, np.int32(setup.n_pixels))
+        ev["decode:write"] = p["bo_write"](q, wsize, (WRITE_WG, 1), slot.raw_dev, off_buf, size_buf, seg_start,
+                                           seg_end, seg_pos, seg_count, seg_base, slot.image, mc,
+                                           np.int32(setup.n_pixels))
         errors = slot.errors_host[:n]
         cl.enqueue_copy(q, errors, err_buf, is_blocking=False)
         if integrate:

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Runs on the lent GPU machine (see docs/PERFORMANCE.md): install carried wheels, register
+# NVIDIA's OpenCL driver, check the kernels against fabio/pyFAI on the GPU, then benchmark.
+# Usage: bash scripts/gpu_run.sh [quick|full]
+set -uo pipefail
+mode=${1:-quick}
+OUT=${OUT:-/tmp/xrdct-gpu-out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 XRDCT_REAL_DATA=$PWD/.gpu/real
+mkdir -p /etc/OpenCL/vendors
+echo /usr/local/nvidia/lib64/libnvidia-opencl.so.1 > /etc/OpenCL/vendors/nvidia.icd
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+nproc; free -g | head -2; df -h /dev/shm | tail -1
+python3 -c "import pyopencl as cl; print([(p.name, [d.name for d in p.get_devices()]) for p in cl.get_platforms()])"
+python3 -m pytest -q -p no:cacheprovider -x tests/test_opencl.py tests/test_cbf_decode.py 2>&1 | tail -4 | tee "$OUT/tests.log"
+if [ "$mode" = quick ]; then
+  python3 -m pipeline.cli bench --frames 800 --ref-frames 120 --runs 3 --engine all --readers 4 \
+    --batch 32 --readers-ours 8 --profile --json "$OUT/bench_quick.json" 2>&1 | tee "$OUT/bench_quick.log"
+else
+  python3 -m pipeline.cli bench --frames 3000 --ref-frames 200 --runs 5 --engine all --readers 2 4 8 \
+    --batch 16 32 64 --readers-ours 4 8 12 --profile --json "$OUT/bench_full.json" 2>&1 | tee "$OUT/bench_full.log"
+fi
