@@ -135,6 +135,9 @@ def timed(fn, runs: int) -> dict:
     return {"fps": med, "mad": mad, "runs": fps}
 
 
+LAST_STAGES: dict = {}
+
+
 def run_ours(files_dir: Path, config: ReductionConfig, setup, engine, out: Path, readers: int) -> int:
     from .runner import Reducer
 
@@ -143,6 +146,9 @@ def run_ours(files_dir: Path, config: ReductionConfig, setup, engine, out: Path,
     reducer.start()
     reducer.wait()
     m = reducer.snapshot()
+    LAST_STAGES.clear()
+    LAST_STAGES.update({k: 1e3 * v / max(m.frames_processed, 1) for k, v in reducer.stage_seconds.items()})
+    LAST_STAGES["wall"] = 1e3 * m.elapsed / max(m.frames_processed, 1)
     if m.state != "done":
         raise RuntimeError(f"our pipeline ended in {m.state}: {m.message}")
     return m.frames_processed
@@ -168,9 +174,14 @@ def machine_info() -> dict:
 
 
 def run_bench(args) -> int:
+    import sys
+
     import pyFAI
 
     from .engines import make_engine
+
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
 
     shm = Path("/dev/shm")
     need = args.frames * 2.6e6 * 1.3
@@ -203,6 +214,8 @@ def run_bench(args) -> int:
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
             return
         res.update(frames=n_frames, **extra)
+        if name.startswith("ours"):
+            res["busy_ms_per_frame"] = dict(LAST_STAGES)
         results[name] = res
         print(f"  {name:34s} {res['fps']:9.1f} fps  ± {res['mad']:.1f}")
 

@@ -223,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slots", type=int, default=3, help="OpenCL batches in flight")
     p.add_argument("--profile", action="store_true", help="also time each OpenCL stage with profiling events")
     p.add_argument("--keep", action="store_true", help="keep the frames and outputs")
+    p.add_argument("--switch-interval", type=float, default=0.0, help="Python GIL switch interval in s (default 5e-3)")
     p.add_argument("--only", nargs="*", help="run only these pipelines")
     p.add_argument("--workdir", help="where the frames are written (default /dev/shm or a temp folder)")
     p.add_argument("--json", help="also write the results as JSON to this file")

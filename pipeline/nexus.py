@@ -129,10 +129,11 @@ class NexusWriter:
         proc.create_dataset("engine", data=engine)
         proc.create_dataset("configuration", data=config_json)
         proc.create_dataset("poni", data=poni_text)
-        proc.create_dataset("scan", data=json.dumps({"rotations": self.scan.rotations,
-                                                     "translations": self.scan.translations,
-                                                     "order": self.scan.order,
-                                                     "first_frame": self.scan.first_frame}))
+        scan_info = {"rotations": self.scan.rotations, "translations": self.scan.translations,
+                     "order": self.scan.order, "first_frame": self.scan.first_frame}
+        if self.scan.positions is not None:  # explicit positions override the order: keep them
+            scan_info["positions"] = [[f, r, t] for f, (r, t) in sorted(self.scan.positions.items())]
+        proc.create_dataset("scan", data=json.dumps(scan_info))
         versions = proc.create_group("versions")
         versions.attrs["NX_class"] = "NXnote"
         for key, value in library_versions().items():

@@ -106,6 +106,7 @@ class Reducer:
         self._main: threading.Thread | None = None
         self._rate = _Rate()
         self._latencies: collections.deque = collections.deque(maxlen=200)
+        self.stage_seconds: dict[str, float] = {"read": 0.0, "engine": 0.0, "write": 0.0}
         self.engine = engine
         self.last_result: tuple[int, FrameResult] | None = None
         self.error: BaseException | None = None
@@ -159,6 +160,11 @@ class Reducer:
             self.metrics.state = state
             self.metrics.message = message
         self._event("state", f"{state}: {message}" if message else state)
+
+    def _busy(self, stage: str, seconds: float) -> None:
+        """Accumulate the time a stage's threads spent working (not waiting on queues)."""
+        with self._lock:
+            self.stage_seconds[stage] += seconds
 
     def _event(self, kind: str, text: str) -> None:
         with self._lock:
@@ -243,6 +249,7 @@ class Reducer:
                 if ref is _END:
                     return
                 item = (ref, None, ref.error)
+                t0 = time.perf_counter()
                 if ref.path is not None and ref.error is None:
                     load = getattr(self.engine, "load", None)
                     try:
@@ -252,6 +259,7 @@ class Reducer:
                             item = (ref, parse_frame(ref.path.read_bytes(), self.config.check_md5), None)
                     except (CbfError, OSError) as exc:
                         item = (ref, None, f"{type(exc).__name__}: {exc}")
+                self._busy("read", time.perf_counter() - t0)
                 frames.put(item)
 
         def engine_loop() -> None:
@@ -308,6 +316,7 @@ class Reducer:
         out = [(ref, None, err) for ref, frame, err in batch]
         if not todo:
             return out
+        t0 = time.perf_counter()
         try:
             results = self.engine.integrate_batch([f for _, f in todo])
         except EngineFailure as exc:
@@ -318,6 +327,7 @@ class Reducer:
             with self._lock:
                 self.metrics.engine = self.engine.description
             results = self.engine.integrate_batch([f for _, f in todo])
+        self._busy("engine", time.perf_counter() - t0)
         for (i, _), res in zip(todo, results):
             ref = batch[i][0]
             if isinstance(res, BaseException):
@@ -359,7 +369,9 @@ class Reducer:
                     status = STATUS_FAILED
                     self._event("failed", f"frame {ref.frame}: {err}")
                 row = index_of.get(ref.frame, ref.seq)
+                t0 = time.perf_counter()
                 writer.add(row, ref.frame, res, status, str(ref.path or ""), ref.landed)
+                self._busy("write", time.perf_counter() - t0)
                 with self._lock:
                     m = self.metrics
                     if status == STATUS_OK:

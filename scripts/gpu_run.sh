@@ -13,7 +13,19 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 nproc; free -g | head -2; df -h /dev/shm | tail -1
 python3 -c "import pyopencl as cl; print([(p.name, [d.name for d in p.get_devices()]) for p in cl.get_platforms()])"
 python3 -m pytest -q -p no:cacheprovider -x tests/test_opencl.py tests/test_cbf_decode.py 2>&1 | tail -4 | tee "$OUT/tests.log"
-if [ "$mode" = quick ]; then
+if [ "$mode" = tune ]; then
+  for si in 0 0.0005; do
+    python3 -m pipeline.cli bench --frames 1600 --runs 3 --engine opencl --only ours --switch-interval $si \
+      --batch 32 64 --readers-ours 4 8 16 --json "$OUT/tune_$si.json" 2>&1 | tail -9 | tee -a "$OUT/tune.log"
+  done
+  python3 - "$OUT" <<'PY'
+import json, sys, glob
+for f in sorted(glob.glob(sys.argv[1] + "/tune_*.json")):
+    for k, v in json.load(open(f))["results"].items():
+        print(f.split("/")[-1], k, round(v.get("fps", 0)), {a: round(b, 3) for a, b in v.get("busy_ms_per_frame", {}).items()},
+              {a: round(b, 3) for a, b in v.get("engine_ms_per_frame", {}).items()})
+PY
+elif [ "$mode" = quick ]; then
   python3 -m pipeline.cli bench --frames 800 --ref-frames 120 --runs 3 --engine all --readers 4 \
     --batch 32 --readers-ours 8 --profile --json "$OUT/bench_quick.json" 2>&1 | tee "$OUT/bench_quick.log"
 else
