@@ -43,8 +43,9 @@ def _add_reduction_options(p: argparse.ArgumentParser, poni_required: bool = Tru
     p.add_argument("--check-md5", action="store_true", help="verify each file's Content-MD5")
 
 
-def _progress(reducer, stream=sys.stderr, stop: threading.Event | None = None) -> None:
+def _progress(reducer, stream=None, stop: threading.Event | None = None) -> None:
     """A one-line progress bar on a terminal, periodic lines otherwise."""
+    stream = stream or sys.stderr
     tty = stream.isatty()
     last = 0.0
     while reducer.running and not (stop and stop.is_set()):
