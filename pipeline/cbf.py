@@ -106,6 +106,31 @@ def _parse_pilatus(text: str) -> dict:
 
 
 _MIME_START = b"--CIF-BINARY-FORMAT-SECTION--"
+_MIME_NAMES = (b"X-Binary-Size", b"X-Binary-Number-of-Elements", b"X-Binary-Size-Fastest-Dimension",
+               b"X-Binary-Size-Second-Dimension", b"X-Binary-Size-Padding", b"X-Binary-Element-Type",
+               b"X-Binary-Element-Byte-Order", b"Content-MD5")
+
+
+def _mime_fields(text: bytes) -> dict[str, bytes]:
+    """The MIME fields of the binary section, found with plain searches (this runs for every frame)."""
+    out: dict[str, bytes] = {}
+    for name in _MIME_NAMES:
+        start = 0
+        while True:
+            i = text.find(name, start)
+            if i < 0:
+                break
+            j = i + len(name)
+            # the name must be followed by optional blanks and a colon (X-Binary-Size vs X-Binary-Size-Padding)
+            k = j
+            while k < len(text) and text[k] in b" \t":
+                k += 1
+            if k < len(text) and text[k] == 58 and (i == 0 or text[i - 1] in b"\r\n"):
+                end = text.find(b"\n", k)
+                out[name.decode()] = text[k + 1: len(text) if end < 0 else end].strip()
+                break
+            start = j
+    return out
 
 
 def parse_header(head: bytes | bytearray) -> CbfHeader:
@@ -128,9 +153,7 @@ def parse_header(head: bytes | bytearray) -> CbfHeader:
     text = bytes(head[:marker])
     mime_start = text.rfind(_MIME_START)
     mime_text = text[mime_start:] if mime_start >= 0 else text
-    mime: dict[str, bytes] = {}
-    for key, value in _MIME_RE.findall(mime_text):
-        mime[key.decode()] = value
+    mime = _mime_fields(mime_text)
     values: dict[str, int] = {}
     for key, name in _MIME_KEYS.items():
         raw = mime.get(key.decode())

@@ -36,6 +36,37 @@ logger = logging.getLogger(__name__)
 _END = object()
 
 
+class BoundedQueue:
+    """A bounded FIFO made of two C-level SimpleQueues.
+
+    ``queue.Queue`` wakes consumers through a pure-Python Condition, which at
+    thousands of frames per second costs more GIL time than the work itself.
+    Here a put takes a free-slot token first (blocking when the queue is full:
+    back-pressure) and a get hands the token back.
+    """
+
+    def __init__(self, maxsize: int):
+        self._items: queue.SimpleQueue = queue.SimpleQueue()
+        self._tokens: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(maxsize):
+            self._tokens.put(None)
+
+    def put(self, item, timeout: float | None = None) -> None:
+        try:
+            self._tokens.get(timeout=timeout)
+        except queue.Empty:
+            raise queue.Full from None
+        self._items.put(item)
+
+    def get(self, timeout: float | None = None):
+        item = self._items.get(timeout=timeout)
+        self._tokens.put(None)
+        return item
+
+    def get_nowait(self):
+        return self.get(timeout=0)
+
+
 @dataclass
 class Metrics:
     """A consistent snapshot for clients (CLI progress, Tango attributes)."""
@@ -206,9 +237,9 @@ class Reducer:
         setup = self.setup
         engine = self.engine
         depth = max(4, 2 * engine.batch_size)
-        refs: queue.Queue = queue.Queue(maxsize=depth * 2)
-        frames: queue.Queue = queue.Queue(maxsize=depth * 2)
-        results: queue.Queue = queue.Queue(maxsize=depth * 4)
+        refs = BoundedQueue(depth * 2)
+        frames = BoundedQueue(depth * 2)
+        results = BoundedQueue(depth * 4)
         source = LandingSource(self.landing, pattern=self.pattern,
                                frames=scan.frames() if scan else None,
                                first_frame=scan.first_frame if scan else None,

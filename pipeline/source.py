@@ -20,10 +20,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cbf import MAX_HEADER_BYTES, CbfError, IncompleteCbfError, parse_header
+from .cbf import BINARY_MARKER, MAX_HEADER_BYTES, CbfError, IncompleteCbfError, parse_header
 
 logger = logging.getLogger(__name__)
 
+HEADER_PROBE = 8192  # bytes read to find the header of a new file; rarely more is needed
 DEFAULT_PATTERN = r"(?P<frame>\d+)\.cbf$"
 
 
@@ -190,7 +191,9 @@ class LandingSource:
         if seen.required is None:
             try:
                 with open(seen.path, "rb") as handle:
-                    head = handle.read(MAX_HEADER_BYTES)
+                    head = handle.read(HEADER_PROBE)
+                    if head.find(BINARY_MARKER) < 0 and len(head) == HEADER_PROBE:  # a long header
+                        head += handle.read(MAX_HEADER_BYTES - HEADER_PROBE)
                 seen.required = parse_header(head).required_size
                 seen.error = None
             except IncompleteCbfError as exc:

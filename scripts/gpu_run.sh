@@ -12,11 +12,12 @@ echo /usr/local/nvidia/lib64/libnvidia-opencl.so.1 > /etc/OpenCL/vendors/nvidia.
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 nproc; free -g | head -2; df -h /dev/shm | tail -1
 python3 -c "import pyopencl as cl; print([(p.name, [d.name for d in p.get_devices()]) for p in cl.get_platforms()])"
-python3 -m pytest -q -p no:cacheprovider -x tests/test_opencl.py tests/test_cbf_decode.py 2>&1 | tail -4 | tee "$OUT/tests.log"
-if [ "$mode" = tune ]; then
-  for si in 0 0.0005; do
+[ "$mode" = micro ] || python3 -m pytest -q -p no:cacheprovider -x tests/test_opencl.py tests/test_cbf_decode.py 2>&1 | tail -4 | tee "$OUT/tests.log"
+if [ "$mode" = micro ]; then :
+elif [ "$mode" = tune ]; then
+  for si in 0; do
     python3 -m pipeline.cli bench --frames 1600 --runs 3 --engine opencl --only ours --switch-interval $si \
-      --batch 32 64 --readers-ours 4 8 16 --json "$OUT/tune_$si.json" 2>&1 | tail -9 | tee -a "$OUT/tune.log"
+      --batch 32 64 --readers-ours 4 8 12 --json "$OUT/tune_$si.json" 2>&1 | tail -9 | tee -a "$OUT/tune.log"
   done
   python3 - "$OUT" <<'PY'
 import json, sys, glob
@@ -32,3 +33,4 @@ else
   python3 -m pipeline.cli bench --frames 3000 --ref-frames 200 --runs 5 --engine all --readers 2 4 8 \
     --batch 16 32 64 --readers-ours 4 8 12 --profile --json "$OUT/bench_full.json" 2>&1 | tee "$OUT/bench_full.log"
 fi
+if [ "$mode" = micro ]; then python3 scripts/micro_host.py 2>&1 | tee "$OUT/micro.log"; fi
