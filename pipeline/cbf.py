@@ -204,6 +204,7 @@ class CbfFrame:
     raw: memoryview  # exactly header.binary_size bytes
     release: object = None  # called once the bytes are no longer needed (pinned staging memory)
     pinned: bool = False  # the bytes sit in page-locked memory the device can copy from directly
+    arena_offset: int | None = None  # where the stream starts in the OpenCL engine's staging arena
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -49,6 +49,7 @@ class _Seen:
     complete: bool = False
     required: int | None = None
     error: str | None = None
+    mtime_ns: int = -1
 
 
 def compile_pattern(pattern: str) -> re.Pattern:
@@ -157,13 +158,15 @@ class LandingSource:
                              f"{name}: frame {number} already comes from {seen.path.name}; ignored")
                 continue
             try:
-                size = path.stat().st_size
+                st = path.stat()
             except OSError:
                 continue
+            size = st.st_size
             if seen is None:
                 seen = self._seen[number] = _Seen(path, size, now, found=now)
             elif size != seen.size:
                 seen.size, seen.changed = size, now
+            seen.mtime_ns = st.st_mtime_ns
             if not seen.complete:
                 self._check_complete(seen)
 
@@ -240,11 +243,7 @@ class LandingSource:
         self.seq += 1
         self._done_frames.add(number)
         if path is not None:
-            try:
-                st = path.stat()
-                self._emitted_paths[str(path)] = (now, st.st_size, st.st_mtime_ns)
-            except OSError:
-                self._emitted_paths[str(path)] = (now, -1, -1)
+            self._emitted_paths[str(path)] = (now, seen.size, seen.mtime_ns)
         if error:
             self.on_event("missing" if missing else "failed", f"frame {number}: {error}")
         put(ref)

@@ -185,6 +185,8 @@ class OpenCLEngine:
             self.arena = PinnedArena(self.ctx, self.device,
                                      staging_frames or self.batch_size * (self.concurrency + 3) + 16,
                                      staging_bytes or (n_pixels + n_pixels // 2 + 65536 + 4095) // 4096 * 4096)
+            # device copy of the arena: a pinned frame keeps its offset, so adjacent frames move in one copy
+            self.raw_mirror = cl.Buffer(self.ctx, cl.mem_flags.READ_ONLY, self.arena.host.nbytes)
         except cl.Error as exc:
             raise EngineFailure(f"OpenCL set-up failed on {self.device.name}: {exc}") from exc
         self._pack_pool = ThreadPoolExecutor(pack_threads, thread_name_prefix="xrdct-pack") if pack_threads else None
@@ -243,6 +245,7 @@ class OpenCLEngine:
             raise
         frame.release = functools.partial(self.arena.give, index)
         frame.pinned = True
+        frame.arena_offset = index * self.arena.slot_bytes + frame.header.binary_offset
         return frame
 
     def integrate_batch(self, frames: list[CbfFrame]) -> list[FrameResult | Exception]:
@@ -288,36 +291,52 @@ class OpenCLEngine:
         setup = self.setup
         n = len(frames)
         sizes = np.array([f.header.binary_size for f in frames], dtype=np.int64)
-        offsets = np.zeros(n, dtype=np.int64)
-        offsets[1:] = np.cumsum((sizes + ALIGN - 1) // ALIGN * ALIGN)[:-1]
-        total = int(offsets[-1] + sizes[-1]) + 16
         max_chunks = int((sizes.max() + CHUNK - 1) // CHUNK)
-        slot.ensure(total, n * max_chunks)
+        all_pinned = all(getattr(f, "arena_offset", None) is not None for f in frames)
+        q = slot.queue
+        ev = slot.events
         t0 = time.perf_counter()
-        host = slot.raw_host
-
-        unpinned = [k for k in range(n) if not getattr(frames[k], "pinned", False)]
-
-        def pack(k: int) -> None:
-            host[offsets[k]:offsets[k] + sizes[k]] = np.frombuffer(frames[k].raw, dtype=np.uint8)
-
-        if self._pack_pool is not None and len(unpinned) > 1:
-            list(self._pack_pool.map(pack, unpinned))
+        if all_pinned:
+            # decode where the frames already are: the device mirror of the page-locked arena
+            offsets = np.array([f.arena_offset for f in frames], dtype=np.int64)
+            slot.ensure(0, n * max_chunks)
+            raw_buf = self.raw_mirror
+            host = self.arena.host
+            order = np.argsort(offsets)
+            run_start = run_end = None
+            for k in order:  # one copy per run of adjacent arena slots
+                start, end = int(offsets[k]), int(offsets[k] + sizes[k])
+                if run_end is not None and start - run_end < self.arena.slot_bytes:
+                    run_end = end
+                    continue
+                if run_end is not None:
+                    ev["copy-in"] = cl.enqueue_copy(q, raw_buf, host[run_start:run_end], dst_offset=run_start,
+                                                    is_blocking=False)
+                run_start, run_end = start, end
+            ev["copy-in"] = cl.enqueue_copy(q, raw_buf, host[run_start:run_end], dst_offset=run_start,
+                                            is_blocking=False)
+            t1 = time.perf_counter()
         else:
-            for k in unpinned:
-                pack(k)
+            offsets = np.zeros(n, dtype=np.int64)
+            offsets[1:] = np.cumsum((sizes + ALIGN - 1) // ALIGN * ALIGN)[:-1]
+            total = int(offsets[-1] + sizes[-1]) + 16
+            slot.ensure(total, n * max_chunks)
+            raw_buf = slot.raw_dev
+            host = slot.raw_host
+
+            def pack(k: int) -> None:
+                host[offsets[k]:offsets[k] + sizes[k]] = np.frombuffer(frames[k].raw, dtype=np.uint8)
+
+            if self._pack_pool is not None and n > 1:
+                list(self._pack_pool.map(pack, range(n)))
+            else:
+                for k in range(n):
+                    pack(k)
+            t1 = time.perf_counter()
+            ev["copy-in"] = cl.enqueue_copy(q, raw_buf, host[:total], is_blocking=False)
         slot.offsets_host[:n] = offsets
         slot.sizes_host[:n] = sizes
         slot.errors_host[:n] = 0
-        t1 = time.perf_counter()
-        q = slot.queue
-        ev = slot.events
-        if unpinned:
-            ev["copy-in"] = cl.enqueue_copy(q, slot.raw_dev, host[:total], is_blocking=False)
-        for k in range(n):
-            if k not in unpinned:  # straight from the reader's page-locked slot
-                ev["copy-in"] = cl.enqueue_copy(q, slot.raw_dev, np.frombuffer(frames[k].raw, np.uint8),
-                                                dst_offset=int(offsets[k]), is_blocking=False)
         cl.enqueue_copy(q, slot.offsets, slot.offsets_host, is_blocking=False)
         cl.enqueue_copy(q, slot.sizes, slot.sizes_host, is_blocking=False)
         cl.enqueue_copy(q, slot.errors, slot.errors_host, is_blocking=False)
@@ -327,11 +346,11 @@ class OpenCLEngine:
         gsize = ((max_chunks + 63) // 64 * 64, n)
         wsize = ((max_chunks + WRITE_WG - 1) // WRITE_WG * WRITE_WG, n)
         p = slot.k
-        ev["decode:count"] = p["bo_count"](q, gsize, (64, 1), slot.raw_dev, off_buf, size_buf, seg_start, seg_end, seg_count, seg_sum,
+        ev["decode:count"] = p["bo_count"](q, gsize, (64, 1), raw_buf, off_buf, size_buf, seg_start, seg_end, seg_count, seg_sum,
                    err_buf, mc)
         ev["decode:scan"] = p["bo_scan"](q, (SCAN_WG * n,), (SCAN_WG,), seg_count, seg_sum, seg_pos, seg_base, err_buf, mc,
                   np.int32(setup.n_pixels))
-        ev["decode:write"] = p["bo_write"](q, wsize, (WRITE_WG, 1), slot.raw_dev, off_buf, size_buf, seg_start,
+        ev["decode:write"] = p["bo_write"](q, wsize, (WRITE_WG, 1), raw_buf, off_buf, size_buf, seg_start,
                                            seg_end, seg_pos, seg_count, seg_base, slot.image, mc,
                                            np.int32(setup.n_pixels))
         errors = slot.errors_host[:n]
@@ -346,12 +365,13 @@ class OpenCLEngine:
             ev["copy-out"] = cl.enqueue_copy(q, res, slot.out, is_blocking=False)
             q.finish()
             poisson = bool(self.poisson)
+            block = res.copy()  # one copy for the batch; each result is a view of it
             for k, (i, results) in enumerate(places):
                 if errors[k]:
                     results[i] = self._explain(frames[k], errors[k])
                 else:
-                    results[i] = FrameResult(intensity=res[k, 0].copy(), sigma=res[k, 1].copy() if poisson else None,
-                                             count=res[k, 2].copy())
+                    results[i] = FrameResult(intensity=block[k, 0], sigma=block[k, 1] if poisson else None,
+                                             count=block[k, 2])
         else:
             images = np.empty((n, setup.n_pixels), np.int32)
             cl.enqueue_copy(q, images, slot.image, is_blocking=True)
