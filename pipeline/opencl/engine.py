@@ -138,9 +138,18 @@ class _Slot:
         self.offsets = cl.Buffer(engine.ctx, mf.READ_ONLY, n * 8)
         self.sizes = cl.Buffer(engine.ctx, mf.READ_ONLY, n * 4)
         self.errors = cl.Buffer(engine.ctx, mf.READ_WRITE, n * 4)
-        self.offsets_host = np.zeros(n, np.int64)
-        self.sizes_host = np.zeros(n, np.int32)
-        self.errors_host = np.zeros(n, np.int32)
+        # small transfers too come from page-locked memory: a read into pageable memory is
+        # synchronous on some drivers (NVIDIA), and pyopencl holds the GIL while it waits
+        self.offsets_host = self._pinned(n, np.int64)
+        self.sizes_host = self._pinned(n, np.int32)
+        self.errors_host = self._pinned(n, np.int32)
+
+    def _pinned(self, n: int, dtype) -> np.ndarray:
+        buf = cl.Buffer(self.engine.ctx, cl.mem_flags.READ_WRITE | cl.mem_flags.ALLOC_HOST_PTR,
+                        n * np.dtype(dtype).itemsize)
+        array, _ = cl.enqueue_map_buffer(self.queue, buf, cl.map_flags.READ | cl.map_flags.WRITE, 0, (n,), dtype)
+        self._keep = getattr(self, "_keep", []) + [buf]
+        return array
 
     def ensure(self, raw_bytes: int, chunks: int) -> None:
         """Grow the raw and segment buffers (rarely: sized for the largest batch seen)."""
