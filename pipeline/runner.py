@@ -238,7 +238,8 @@ class Reducer:
         engine = self.engine
         depth = max(4, 2 * engine.batch_size)
         refs = BoundedQueue(depth * 2)
-        frames = BoundedQueue(depth * 2)
+        # enough decoded-ready frames to keep every engine call fed, no more (they hold staging memory)
+        frames = BoundedQueue(max(8, engine.batch_size * (engine.concurrency + 1)))
         results = BoundedQueue(depth * 4)
         source = LandingSource(self.landing, pattern=self.pattern,
                                frames=scan.frames() if scan else None,

@@ -192,7 +192,7 @@ class OpenCLEngine:
             n_pixels = setup.n_pixels
             # a byte-offset stream holds at most 7 bytes a pixel in practice; typical Pilatus frames ~1
             self.arena = PinnedArena(self.ctx, self.device,
-                                     staging_frames or self.batch_size * (self.concurrency + 3) + 16,
+                                     staging_frames or self.batch_size * (2 * self.concurrency + 2) + 64,
                                      staging_bytes or (n_pixels + n_pixels // 2 + 65536 + 4095) // 4096 * 4096)
             # device copy of the arena: a pinned frame keeps its offset, so adjacent frames move in one copy
             self.raw_mirror = cl.Buffer(self.ctx, cl.mem_flags.READ_ONLY, self.arena.host.nbytes)
@@ -234,7 +234,7 @@ class OpenCLEngine:
         """Read a CBF file into page-locked memory (ordinary memory when none is free or it is too big)."""
         from ..cbf import parse_frame
 
-        index = self.arena.take()
+        index = self.arena.take(timeout=1.0)  # back-pressure: wait for a batch to free its slots
         if index is None:
             return parse_frame(Path(path).read_bytes(), check_md5)
         try:
