@@ -31,6 +31,6 @@ elif [ "$mode" = quick ]; then
     --batch 32 --readers-ours 8 --profile --json "$OUT/bench_quick.json" 2>&1 | tee "$OUT/bench_quick.log"
 else
   python3 -m pipeline.cli bench --frames 3000 --ref-frames 200 --runs 5 --engine all --readers 2 4 8 \
-    --batch 16 32 64 --readers-ours 4 8 12 --profile --json "$OUT/bench_full.json" 2>&1 | tee "$OUT/bench_full.log"
+    --batch 16 32 64 --readers-ours 4 8 --profile --json "$OUT/bench_full.json" 2>&1 | tee "$OUT/bench_full.log"
 fi
 if [ "$mode" = micro ]; then python3 scripts/micro_host.py 2>&1 | tee "$OUT/micro.log"; fi
