@@ -291,10 +291,10 @@ def run_bench(args) -> int:
     if best_ref:
         print(f"best reference: {best_ref[0]} at {best_ref[1]['fps']:.1f} fps")
         summary["best_reference"] = best_ref[0]
-        for name, res in ours.items():
+        for res in ours.values():
             res["ratio_to_best_reference"] = res["fps"] / best_ref[1]["fps"]
         if "silx-gpu" in references:
-            for name, res in ours.items():
+            for res in ours.values():
                 res["ratio_to_silx"] = res["fps"] / references["silx-gpu"]["fps"]
     print(f"peak host RSS {peak_rss:.0f} MB; machine: {summary['machine']}")
     if args.json:

@@ -30,7 +30,6 @@ _MIME_KEYS = {
     b"X-Binary-Size-Second-Dimension": "dim_slow",
     b"X-Binary-Size-Padding": "padding",
 }
-_MIME_RE = re.compile(rb"^(X-Binary-[A-Za-z-]+|Content-MD5|Content-Type|Content-Transfer-Encoding)\s*:\s*(.*?)\s*$", re.M)
 _CONVERSIONS_RE = re.compile(rb'conversions\s*=\s*"?([A-Za-z0-9_-]+)"?')
 _FLOAT = r"([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)"
 _PILATUS_PATTERNS = {

@@ -8,19 +8,32 @@ import h5py
 import numpy as np
 
 
-def strongest_bins(patterns: np.ndarray, n: int = 3, width: int = 3) -> list[tuple[int, int]]:
-    """Bin ranges around the ``n`` highest peaks of the mean pattern (for a phase contrast)."""
-    mean = np.nanmean(patterns.reshape(-1, patterns.shape[-1]), axis=0)
-    mean = np.nan_to_num(mean)
+def strongest_bins(patterns: np.ndarray, n: int = 3, width: int = 3, candidates: int = 8) -> list[tuple[int, int]]:
+    """Bin ranges of ``n`` peaks whose sinograms differ most (one per phase, when the phases differ in space).
+
+    ``patterns`` is [..., bin].  The strongest ``candidates`` peaks of the mean pattern are ranked, then
+    peaks are taken greedily, each the least correlated (in space) with those already taken.
+    """
+    flat = np.nan_to_num(patterns.reshape(-1, patterns.shape[-1]))
+    mean = flat.mean(axis=0)
     base = np.convolve(mean, np.ones(51) / 51, mode="same")
     excess = mean - base
-    ranges: list[tuple[int, int]] = []
+    peaks: list[int] = []
     for idx in np.argsort(excess)[::-1]:
-        if all(abs(idx - (a + b) // 2) > 4 * width for a, b in ranges):
-            ranges.append((max(0, idx - width), min(len(mean), idx + width + 1)))
-        if len(ranges) == n:
+        if all(abs(idx - p) > 4 * width for p in peaks):
+            peaks.append(int(idx))
+        if len(peaks) == candidates:
             break
-    return ranges
+    maps = {}
+    for p in peaks:
+        a, b = max(0, p - width), min(flat.shape[1], p + width + 1)
+        m = flat[:, a:b].mean(axis=1)
+        maps[p] = (m - m.mean()) / (m.std() + 1e-12)
+    chosen = peaks[:1]
+    while len(chosen) < min(n, len(peaks)):
+        rest = [p for p in peaks if p not in chosen]
+        chosen.append(min(rest, key=lambda p: max(abs(float(np.mean(maps[p] * maps[c]))) for c in chosen)))
+    return [(max(0, p - width), min(flat.shape[1], p + width + 1)) for p in chosen]
 
 
 def save_sinogram_png(nexus_file: str | Path, png: str | Path) -> Path:

@@ -170,7 +170,7 @@ class SimulatedScan:
             "# Tau = 0 s",
             "# Count_cutoff 1048574 counts",
             "# Threshold_setting: 35000 eV",
-            "# N_excluded_pixels = %d" % self.bad_pixels,
+            f"# N_excluded_pixels = {self.bad_pixels}",
             "# Image_path: /data/landing/",
             f"# Wavelength {WAVELENGTH_M * 1e10:.5f} A",
             f"# Detector_distance {DISTANCE_M:.5f} m",

@@ -44,7 +44,6 @@ def readinto_parse(p, k):
 for name, fn in [("read_bytes", read_bytes), ("readinto numpy", readinto_np), ("readinto+parse", readinto_parse)]:
     print(name, {n: round(run(n, fn)) for n in (1, 4, 8, 16)})
 
-import pyopencl as cl  # noqa: E402
 
 from pipeline.config import ReductionConfig  # noqa: E402
 from pipeline.geometry import build_setup  # noqa: E402

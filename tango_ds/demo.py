@@ -47,6 +47,7 @@ def run_demo(args) -> int:
         print(f"simulating a {sim.rotations}x{sim.translations} XRD-CT scan of a 3-phase phantom...", flush=True)
         sim.prepare()
 
+        dev.set_timeout_millis(10_000)  # a loaded 2-core machine can be slow to answer the first commands
         dev.geometry = files["poni"].read_text()
         dev.bins = bins
         dev.mask = str(files["mask"])

@@ -34,10 +34,18 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyFAI.integrator.azimuthal  # noqa: F401,E402
+import scipy.sparse  # noqa: F401,E402
 import tango
 from tango import AttrWriteType, DevState, DispLevel
 from tango.server import Device, attribute, command, device_property
 
+# The heavy imports (pyFAI, scipy, numba kernels) happen here, before the server answers: done
+# lazily in Start's worker thread they would hold the GIL for seconds and delay Start's reply past
+# the client time-out (seen: the client retried and the second Start found the file already there).
+import pipeline.cpu_engine  # noqa: F401,E402
+import pipeline.geometry  # noqa: F401,E402
+import pipeline.runner  # noqa: F401,E402
 from pipeline.config import MAX_BINS, UNITS, ConfigError, ReductionConfig, parse_poni
 from pipeline.scan import ScanError, ScanModel
 from pipeline.source import DEFAULT_PATTERN, compile_pattern

@@ -81,8 +81,8 @@ def test_ceo2_peaks_where_the_calibrant_says(ceo2):
 
 
 def _generic_poni(shape):
-    return ("Distance: 0.1\nPoni1: %.6f\nPoni2: %.6f\nRot1: 0.01\nRot2: 0.02\nRot3: 0\n"
-            "PixelSize1: 0.0001\nPixelSize2: 0.00012\nWavelength: 1e-10\n") % (shape[0] * 4e-5, shape[1] * 7e-5)
+    return (f"Distance: 0.1\nPoni1: {shape[0] * 4e-5:.6f}\nPoni2: {shape[1] * 7e-5:.6f}\nRot1: 0.01\nRot2: 0.02\n"
+            "Rot3: 0\nPixelSize1: 0.0001\nPixelSize2: 0.00012\nWavelength: 1e-10\n")
 
 
 @pytest.mark.parametrize("shape", [(37, 53), (1, 64), (195, 487)])

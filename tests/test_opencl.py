@@ -103,7 +103,8 @@ def test_batch_with_bad_frames_reports_each(tmp_path):
     frames = frames_of(tmp_path, good)
     blob = (tmp_path / "f1.cbf").read_bytes()
     head = cbf.parse_header(blob)
-    short = blob.replace(f"X-Binary-Size: {head.binary_size}".encode(), f"X-Binary-Size: {head.binary_size - 1}".encode())
+    short = blob.replace(f"X-Binary-Size: {head.binary_size}".encode(),
+                         f"X-Binary-Size: {head.binary_size - 1}".encode())
     bad = cbf.parse_frame(short)
     other = cbf.read_frame(write_cbf(tmp_path / "other.cbf", np.zeros((41, 50), np.int32)))
     setup = generic_setup(shape, bins=30, split="bbox")

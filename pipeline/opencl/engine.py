@@ -123,7 +123,8 @@ class _Slot:
         self.queue = cl.CommandQueue(engine.ctx, engine.device, properties=props)
         self.events: dict[str, object] = {}
         # kernels hold their arguments: one set per slot keeps concurrent batches apart
-        self.k = {name: cl.Kernel(engine.program, name) for name in ("bo_count", "bo_scan", "bo_write", "csr_integrate")}
+        self.k = {name: cl.Kernel(engine.program, name)
+                  for name in ("bo_count", "bo_scan", "bo_write", "csr_integrate")}
         self.capacity_raw = 0
         self.capacity_chunks = 0
         self.raw_dev = self.raw_pinned = self.raw_host = None
@@ -355,10 +356,10 @@ class OpenCLEngine:
         gsize = ((max_chunks + 63) // 64 * 64, n)
         wsize = ((max_chunks + WRITE_WG - 1) // WRITE_WG * WRITE_WG, n)
         p = slot.k
-        ev["decode:count"] = p["bo_count"](q, gsize, (64, 1), raw_buf, off_buf, size_buf, seg_start, seg_end, seg_count, seg_sum,
-                   err_buf, mc)
-        ev["decode:scan"] = p["bo_scan"](q, (SCAN_WG * n,), (SCAN_WG,), seg_count, seg_sum, seg_pos, seg_base, err_buf, mc,
-                  np.int32(setup.n_pixels))
+        ev["decode:count"] = p["bo_count"](q, gsize, (64, 1), raw_buf, off_buf, size_buf, seg_start, seg_end,
+                                           seg_count, seg_sum, err_buf, mc)
+        ev["decode:scan"] = p["bo_scan"](q, (SCAN_WG * n,), (SCAN_WG,), seg_count, seg_sum, seg_pos, seg_base,
+                                         err_buf, mc, np.int32(setup.n_pixels))
         ev["decode:write"] = p["bo_write"](q, wsize, (WRITE_WG, 1), raw_buf, off_buf, size_buf, seg_start,
                                            seg_end, seg_pos, seg_count, seg_base, slot.image, mc,
                                            np.int32(setup.n_pixels))
@@ -367,8 +368,8 @@ class OpenCLEngine:
         if integrate:
             nb = setup.nbins
             lo, hi, active = self.dummy
-            ev["integrate"] = p["csr_integrate"](q, (nb * INT_WG, n), (INT_WG, 1), slot.image, np.int32(setup.n_pixels), self.coef,
-                            self.indices, self.indptr, self.norm, self.static_norm, self.static_count, lo, hi,
+            ev["integrate"] = p["csr_integrate"](q, (nb * INT_WG, n), (INT_WG, 1), slot.image,
+                                                 np.int32(setup.n_pixels), self.coef, self.indices, self.indptr, self.norm, self.static_norm, self.static_count, lo, hi,
                             active, self.poisson, np.float32(setup.empty), slot.out, np.int32(nb))
             res = slot.out_host[:n]
             ev["copy-out"] = cl.enqueue_copy(q, res, slot.out, is_blocking=False)
