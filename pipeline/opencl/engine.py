@@ -368,9 +368,10 @@ class OpenCLEngine:
         if integrate:
             nb = setup.nbins
             lo, hi, active = self.dummy
-            ev["integrate"] = p["csr_integrate"](q, (nb * INT_WG, n), (INT_WG, 1), slot.image,
-                                                 np.int32(setup.n_pixels), self.coef, self.indices, self.indptr, self.norm, self.static_norm, self.static_count, lo, hi,
-                            active, self.poisson, np.float32(setup.empty), slot.out, np.int32(nb))
+            ev["integrate"] = p["csr_integrate"](
+                q, (nb * INT_WG, n), (INT_WG, 1), slot.image, np.int32(setup.n_pixels), self.coef, self.indices,
+                self.indptr, self.norm, self.static_norm, self.static_count, lo, hi, active, self.poisson,
+                np.float32(setup.empty), slot.out, np.int32(nb))
             res = slot.out_host[:n]
             ev["copy-out"] = cl.enqueue_copy(q, res, slot.out, is_blocking=False)
             q.finish()
