@@ -7,7 +7,7 @@ import hashlib
 import fabio
 import numpy as np
 import pytest
-from conftest import REAL, real_file, write_cbf
+from _support import REAL, real_file, write_cbf
 
 from pipeline import cbf, decode
 

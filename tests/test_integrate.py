@@ -5,7 +5,7 @@ from __future__ import annotations
 import fabio
 import numpy as np
 import pytest
-from conftest import REAL, write_cbf
+from _support import REAL, write_cbf
 
 from pipeline import cbf
 from pipeline.config import ConfigError, ReductionConfig, parse_poni

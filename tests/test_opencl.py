@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import REAL, real_file, write_cbf
+from _support import REAL, real_file, write_cbf
 
 from pipeline import cbf, decode
 from pipeline.config import ReductionConfig

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 import tango
-from conftest import BINS, ROT, TRANS, FastWriter, assert_same, attr_of, configure, props, read_nexus, wait_for
+from tango_support import BINS, ROT, TRANS, FastWriter, assert_same, attr_of, configure, props, read_nexus, wait_for
 
 from pipeline.geometry import load_mask
 from pipeline.simulate import Player

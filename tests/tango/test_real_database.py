@@ -10,7 +10,7 @@ import time
 
 import pytest
 import tango
-from conftest import BINS, ROT, TRANS, configure, read_nexus, wait_for
+from tango_support import BINS, ROT, TRANS, configure, read_nexus, wait_for
 
 from pipeline.simulate import Player
 
