@@ -59,8 +59,7 @@ class NexusWriter:
         self.nbins = int(radial.shape[0])
         self.flush_interval = flush_interval
         self._last_flush = time.monotonic()
-        self._rows: dict[int, tuple] = {}
-        self._dirty_rot: set[int] = set()
+        self._dirty_rot: dict[int, tuple[int, int]] = {}
         self.sinogram = np.full((scan.rotations, scan.translations, self.nbins), np.nan, dtype=np.float32)
         self.measured = np.zeros((scan.rotations, scan.translations), dtype=np.uint8)
         self.n_rows = 0
@@ -142,71 +141,83 @@ class NexusWriter:
             proc.create_dataset(key, data=str(value))
 
     # -- writing ------------------------------------------------------------
+    BLOCK = 1024  # rows buffered in memory between writes
+
+    def _new_block(self, start: int) -> None:
+        n, nb = self.BLOCK, self.nbins
+        self._start = start
+        self._fill = 0  # rows [start, start + fill) are held; the rest of the block is NaN
+        self._inten = np.full((n, nb), np.nan, np.float32)
+        self._err = np.full((n, nb), np.nan, np.float32)
+        self._frames = np.full(n, -1, np.int64)
+        self._status = np.zeros(n, np.uint8)
+        self._sources = np.zeros(n, dtype=_STR)
+        self._landed = np.full(n, np.nan)
+
     def add(self, index: int, frame: int, result: FrameResult | None, status: int, source: str = "",
             landed: float = float("nan")) -> None:
-        """Record frame ``frame`` at row ``index`` (rows arrive in order, blocks are flushed)."""
-        self._rows[index] = (frame, result, status, source, landed)
+        """Record frame ``frame`` at row ``index``.  Rows come in order; they are written in blocks."""
+        if not hasattr(self, "_start"):
+            self._new_block(index)
+        k = index - self._start
+        if not 0 <= k < self.BLOCK or k < self._fill - 1:  # outside this block (or a row going back)
+            self.flush()
+            self._new_block(index)
+            k = 0
+        if result is not None:
+            self._inten[k] = result.intensity
+            if result.sigma is not None:
+                self._err[k] = result.sigma
+        self._frames[k], self._status[k], self._landed[k] = frame, status, landed
+        self._sources[k] = source.encode("utf-8", "replace")[:512]
+        self._fill = max(self._fill, k + 1)
         try:
             rot, trans = self.scan.position(frame)
         except KeyError:
-            rot = trans = None
+            rot = None
         if rot is not None:
             if result is not None:
                 self.sinogram[rot, trans] = result.intensity
             self.measured[rot, trans] = status
-            self._dirty_rot.add(rot)
-        if time.monotonic() - self._last_flush >= self.flush_interval:
+            span = self._dirty_rot.get(rot)
+            self._dirty_rot[rot] = (trans, trans) if span is None else (min(span[0], trans), max(span[1], trans))
+        if self._fill == self.BLOCK or time.monotonic() - self._last_flush >= self.flush_interval:
             self.flush()
+            if self._fill == self.BLOCK:
+                self._new_block(self._start + self.BLOCK)
 
     def flush(self) -> None:
-        """Write buffered rows and dirty sinogram lines, then let SWMR readers see them."""
-        if self._rows:
-            indices = sorted(self._rows)
-            start, stop = indices[0], indices[-1] + 1
+        """Write the buffered rows and dirty sinogram lines, then let SWMR readers see them."""
+        if getattr(self, "_fill", 0):
+            start, n = self._start, self._fill
+            stop = start + n
             if stop > self.n_rows:
                 for ds in (self.intensity, self.errors):
                     ds.resize((stop, self.nbins))
                 for ds in (self.frame_number, self.status, self.source_file, self.landed):
                     ds.resize((stop,))
                 self.n_rows = stop
-            n = stop - start
-            inten = np.full((n, self.nbins), np.nan, np.float32)
-            err = np.full((n, self.nbins), np.nan, np.float32)
-            frames = np.full(n, -1, np.int64)
-            status = np.zeros(n, np.uint8)
-            sources = [""] * n
-            landed = np.full(n, np.nan)
-            present = np.zeros(n, bool)
-            for i in indices:
-                frame, result, st, src, t = self._rows[i]
-                k = i - start
-                present[k] = True
-                frames[k], status[k], sources[k], landed[k] = frame, st, src, t
-                if result is not None:
-                    inten[k] = result.intensity
-                    if result.sigma is not None:
-                        err[k] = result.sigma
-            if present.all():
-                self.intensity[start:stop] = inten
-                self.errors[start:stop] = err
-                self.frame_number[start:stop] = frames
-                self.status[start:stop] = status
-                self.source_file[start:stop] = sources
-                self.landed[start:stop] = landed
-            else:  # rows out of order: write one by one
-                for k in np.flatnonzero(present):
-                    i = start + k
-                    self.intensity[i] = inten[k]
-                    self.errors[i] = err[k]
-                    self.frame_number[i] = frames[k]
-                    self.status[i] = status[k]
-                    self.source_file[i] = sources[k]
-                    self.landed[i] = landed[k]
-            self._rows.clear()
+            held = self._frames[:n] >= 0  # rows of this block not given (yet) keep what the file has
+            if held.all():
+                self.intensity[start:stop] = self._inten[:n]
+                self.errors[start:stop] = self._err[:n]
+                self.frame_number[start:stop] = self._frames[:n]
+                self.status[start:stop] = self._status[:n]
+                self.source_file[start:stop] = self._sources[:n]
+                self.landed[start:stop] = self._landed[:n]
+            else:
+                for k in np.flatnonzero(held):
+                    i = start + int(k)
+                    self.intensity[i] = self._inten[k]
+                    self.errors[i] = self._err[k]
+                    self.frame_number[i] = self._frames[k]
+                    self.status[i] = self._status[k]
+                    self.source_file[i] = self._sources[k]
+                    self.landed[i] = self._landed[k]
         if self._dirty_rot:
-            for rot in sorted(self._dirty_rot):
-                self.sino_ds[rot] = self.sinogram[rot]
-            self.measured_ds[...] = self.measured
+            for rot, (lo, hi) in sorted(self._dirty_rot.items()):  # only the cells that changed
+                self.sino_ds[rot, lo:hi + 1] = self.sinogram[rot, lo:hi + 1]
+                self.measured_ds[rot, lo:hi + 1] = self.measured[rot, lo:hi + 1]
             self._dirty_rot.clear()
         self.file.flush()
         self._last_flush = time.monotonic()
