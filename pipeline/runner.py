@@ -179,6 +179,9 @@ class Reducer:
             m = Metrics(**{k: getattr(self.metrics, k) for k in Metrics.__dataclass_fields__})
             m.events = list(self.metrics.events[-20:])
             latencies = list(self._latencies)
+        source = getattr(self, "_source", None)
+        if source is not None and m.state == "running":
+            m.backlog += source.waiting
         now = time.time()
         m.latency = float(np.median(latencies)) if latencies else 0.0
         m.throughput = self._rate.value(now)
@@ -241,11 +244,10 @@ class Reducer:
         # enough decoded-ready frames to keep every engine call fed, no more (they hold staging memory)
         frames = BoundedQueue(max(8, engine.batch_size * (engine.concurrency + 1)))
         results = BoundedQueue(depth * 4)
-        source = LandingSource(self.landing, pattern=self.pattern,
-                               frames=scan.frames() if scan else None,
-                               first_frame=scan.first_frame if scan else None,
-                               live=self.live, poll_interval=self.poll_interval,
-                               missing_timeout=self.missing_timeout, on_event=self._event)
+        source = self._source = LandingSource(
+            self.landing, pattern=self.pattern, frames=scan.frames() if scan else None,
+            first_frame=scan.first_frame if scan else None, live=self.live, poll_interval=self.poll_interval,
+            missing_timeout=self.missing_timeout, on_event=self._event)
         if scan is None:
             scan = self._scan_from_listing(source)
             self.scan = scan

@@ -99,6 +99,7 @@ class LandingSource:
         self._done_frames: set[int] = set()
         self._dir_ok = True
         self.seq = 0
+        self.waiting = 0
         self._cursor = 0
         self._next: int | None = None
 
@@ -307,4 +308,6 @@ class LandingSource:
                 else:
                     self._emit(put, number, now, f"missing (not landed {self.missing_timeout:g} s after later frames)",
                                True)
+            # landed and complete but not handed on yet (waiting for an earlier frame): part of the backlog
+            self.waiting = sum(1 for s in self._seen.values() if s.complete)
             stop.wait(self.poll_interval)
