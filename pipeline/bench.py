@@ -142,7 +142,7 @@ def run_ours(files_dir: Path, config: ReductionConfig, setup, engine, out: Path,
     from .runner import Reducer
 
     reducer = Reducer(config, files_dir, out, pattern=r"bench_(?P<frame>\d+)\.cbf$", live=False,
-                      setup=setup, engine=engine, readers=readers)
+                      setup=setup, engine=engine, readers=readers, overwrite=True)
     reducer.start()
     reducer.wait()
     m = reducer.snapshot()

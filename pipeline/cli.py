@@ -74,7 +74,8 @@ def cmd_reduce(args) -> int:
     source = args.source
     scan = ScanModel.parse(args.scan, order=args.order, first_frame=args.first_frame) if args.scan else None
     reducer = Reducer(config, source, args.output, scan=scan, pattern=args.pattern or DEFAULT_PATTERN,
-                      live=args.live, missing_timeout=args.timeout, readers=args.readers)
+                      live=args.live, missing_timeout=args.timeout, readers=args.readers, resume=args.resume,
+                      overwrite=args.overwrite)
     reducer.start()
     try:
         _progress(reducer)
@@ -83,8 +84,9 @@ def cmd_reduce(args) -> int:
         print("\ninterrupted: finishing the frames already read", file=sys.stderr)
         reducer.abort(30)
     m = reducer.snapshot()
-    fps = m.frames_processed / m.elapsed if m.elapsed else 0.0
-    summary = {"output": str(args.output), "frames": m.frames_processed, "missing": m.frames_missing,
+    fps = (m.frames_processed - m.frames_resumed) / m.elapsed if m.elapsed else 0.0
+    summary = {"output": str(args.output), "frames": m.frames_processed, "resumed": m.frames_resumed,
+               "missing": m.frames_missing,
                "failed": m.frames_failed, "seconds": round(m.elapsed, 3), "fps": round(fps, 1), "engine": m.engine}
     print(json.dumps(summary) if args.json else
           f"{m.frames_processed} frames reduced, {m.frames_missing} missing, {m.frames_failed} failed "
@@ -143,7 +145,7 @@ def cmd_demo(args) -> int:
     config = ReductionConfig(poni_text=files["poni"].read_text(), mask_path=str(files["mask"]), bins=args.bins,
                              polarization=0.99, engine=args.engine)
     out_file = output / "demo_scan.h5"
-    reducer = Reducer(config, landing, out_file, scan=sim.scan, live=True, missing_timeout=2.0)
+    reducer = Reducer(config, landing, out_file, scan=sim.scan, live=True, missing_timeout=2.0, overwrite=True)
     reducer.start()
     while reducer.snapshot().state == "starting":
         time.sleep(0.05)
@@ -187,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=5.0, help="seconds before a frame is declared missing")
     p.add_argument("--readers", type=int, default=2, help="file reader threads")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted OUT.h5: its reduced frames are kept (the old file is moved "
+                        "aside), the others are reduced")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT.h5 if it exists")
     p.set_defaults(func=cmd_reduce)
 
     p = sub.add_parser("simulate", help="write a synthetic XRD-CT scan as Pilatus3 2M CdTe CBF files")

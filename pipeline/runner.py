@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cbf import CbfError, parse_frame
+from .cbf import CbfError, parse_frame, parse_header
 from .config import ReductionConfig
 from .engines import EngineFailure, make_engine
 from .geometry import IntegrationSetup, build_setup
@@ -85,6 +85,7 @@ class Metrics:
     engine: str = ""
     output_file: str = ""
     last_frame: int = -1
+    frames_resumed: int = 0
     events: list = field(default_factory=list)
 
 
@@ -114,7 +115,8 @@ class Reducer:
     def __init__(self, config: ReductionConfig, landing: str | Path, output: str | Path,
                  scan: ScanModel | None = None, pattern: str = DEFAULT_PATTERN, live: bool = True,
                  missing_timeout: float = 5.0, poll_interval: float = 0.02, readers: int = 2,
-                 setup: IntegrationSetup | None = None, engine=None,
+                 setup: IntegrationSetup | None = None, engine=None, resume: bool = False,
+                 overwrite: bool = False,
                  on_result: Callable[[int, FrameResult], None] | None = None,
                  on_event: Callable[[str, str], None] | None = None):
         self.config = config
@@ -139,6 +141,8 @@ class Reducer:
         self._latencies: collections.deque = collections.deque(maxlen=200)
         self.stage_seconds: dict[str, float] = {"read": 0.0, "engine": 0.0, "write": 0.0}
         self.engine = engine
+        self.resume = resume
+        self.overwrite = overwrite
         self.last_result: tuple[int, FrameResult] | None = None
         self.error: BaseException | None = None
         self.t_start = 0.0
@@ -215,7 +219,7 @@ class Reducer:
         self.t_start = time.time()
         try:
             if self.setup is None:
-                self.setup = build_setup(self.config)
+                self.setup = build_setup(self.config, shape=self._probe_shape())
             if self.engine is None:
                 self.engine = make_engine(self.setup, self.config, on_event=self._event)
             scan = self.scan
@@ -230,6 +234,26 @@ class Reducer:
             self._set_state("fault", f"{type(exc).__name__}: {exc}")
         finally:
             self.t_end = time.time()
+
+    def _probe_shape(self) -> tuple[int, int] | None:
+        """Frame shape for a PONI without a detector shape: from the first frame that has landed."""
+        from .geometry import make_integrator
+
+        if make_integrator(self.config.poni_text).detector.shape is not None:
+            return None
+        probe = LandingSource(self.landing, pattern=self.pattern, live=False)
+        deadline = time.time() + self.missing_timeout
+        while True:
+            probe._update(time.time())
+            for seen in sorted(probe._seen.items()):
+                try:
+                    with open(seen[1].path, "rb") as handle:
+                        return parse_header(handle.read(65536)).shape
+                except (CbfError, OSError):
+                    continue
+            if time.time() > deadline or self._drain.is_set():
+                raise FileNotFoundError(f"no readable frame in {self.landing} to learn the frame shape from")
+            time.sleep(self.poll_interval)
 
     def _summary(self) -> str:
         m = self.metrics
@@ -253,8 +277,26 @@ class Reducer:
             self.scan = scan
             with self._lock:
                 self.metrics.frames_expected = scan.n_frames
+        carried = None
+        if self.resume:
+            from .resume import recover
+
+            carried = recover(self.output, self.config, scan)
+        elif self.output.exists() and not self.overwrite:
+            raise FileExistsError(f"{self.output} exists: results are not overwritten unless asked; "
+                                  "give another name, resume it or overwrite it")
         writer = NexusWriter(self.output, setup.radial, setup.unit, scan, self.config.to_json(),
                              self.config.poni_text, engine.description)
+        if carried is not None:
+            for row, frame, result, src, landed in carried.results():
+                writer.add(row, frame, result, STATUS_OK, src, landed)
+            writer.flush()
+            source.skip = set(int(f) for f in carried.frames)
+            with self._lock:
+                self.metrics.frames_processed = len(carried.frames)
+                self.metrics.frames_resumed = len(carried.frames)
+            self._event("resume", f"{len(carried.frames)} frames carried over from {carried.previous.name}; "
+                                  "the others are reduced now")
         self._set_state("running", f"reducing into {self.output.name}")
 
         def put_ref(ref: FrameRef) -> None:
