@@ -157,11 +157,11 @@ def cmd_demo(args) -> int:
     m = reducer.snapshot()
     print(f"reduced {m.frames_processed}/{m.frames_expected} frames (missing {m.frames_missing},"
           f" failed {m.frames_failed}) with {m.engine}; median latency {m.latency * 1e3:.0f} ms")
-    png = work / "sinogram.png"
-    from .preview import save_sinogram_png
+    from .preview import save_demo_pictures
 
-    save_sinogram_png(out_file, png)
-    print(f"NeXus file: {out_file}\nsinogram picture: {png}")
+    pictures = save_demo_pictures(out_file, work)
+    print(f"NeXus file: {out_file}\nsinogram picture: {pictures['sinogram']}\n"
+          f"tomogram picture: {pictures['tomogram']}")
     return 0 if m.state == "done" and m.frames_processed == sim.n_frames else 1
 
 

@@ -8,30 +8,37 @@ import h5py
 import numpy as np
 
 
-def strongest_bins(patterns: np.ndarray, n: int = 3, width: int = 3, candidates: int = 8) -> list[tuple[int, int]]:
+def strongest_bins(patterns: np.ndarray, n: int = 3, width: int = 3, candidates: int = 12) -> list[tuple[int, int]]:
     """Bin ranges of ``n`` peaks whose sinograms differ most (one per phase, when the phases differ in space).
 
-    ``patterns`` is [..., bin].  The strongest ``candidates`` peaks of the mean pattern are ranked, then
-    peaks are taken greedily, each the least correlated (in space) with those already taken.
+    ``patterns`` is [rotation, translation, bin] (or [frame, bin]).  Candidates are the peaks of the
+    95th-percentile pattern (a phase present in a small inclusion is weak in the mean but strong where the
+    beam crosses it); maps that are mostly noise are dropped; then peaks are taken greedily, each the least
+    correlated in space with those already taken.
     """
     flat = np.nan_to_num(patterns.reshape(-1, patterns.shape[-1]))
-    mean = flat.mean(axis=0)
-    base = np.convolve(mean, np.ones(51) / 51, mode="same")
-    excess = mean - base
+    high = np.percentile(flat, 95, axis=0)
+    excess = high - np.convolve(high, np.ones(51) / 51, mode="same")
     peaks: list[int] = []
     for idx in np.argsort(excess)[::-1]:
         if all(abs(idx - p) > 4 * width for p in peaks):
             peaks.append(int(idx))
         if len(peaks) == candidates:
             break
-    maps = {}
+    maps, quality = {}, {}
     for p in peaks:
         a, b = max(0, p - width), min(flat.shape[1], p + width + 1)
         m = flat[:, a:b].mean(axis=1)
         maps[p] = (m - m.mean()) / (m.std() + 1e-12)
-    chosen = peaks[:1]
-    while len(chosen) < min(n, len(peaks)):
-        rest = [p for p in peaks if p not in chosen]
+        if patterns.ndim == 3:  # structure, not noise: the map correlates with its own 3x3 smoothing
+            img = maps[p].reshape(patterns.shape[:2])
+            pad = np.pad(img, 1, mode="edge")
+            smooth = sum(pad[i:i + img.shape[0], j:j + img.shape[1]] for i in range(3) for j in range(3)) / 9
+            quality[p] = float(np.corrcoef(img.ravel(), smooth.ravel())[0, 1])
+    good = [p for p in peaks if quality.get(p, 1.0) > 0.6] or peaks[:1]
+    chosen = good[:1]
+    while len(chosen) < min(n, len(good)):
+        rest = [p for p in good if p not in chosen]
         chosen.append(min(rest, key=lambda p: max(abs(float(np.mean(maps[p] * maps[c]))) for c in chosen)))
     return [(max(0, p - width), min(flat.shape[1], p + width + 1)) for p in chosen]
 
@@ -53,6 +60,20 @@ def save_sinogram_png(nexus_file: str | Path, png: str | Path) -> Path:
     rgb = np.repeat(np.repeat(rgb, scale, axis=0), scale, axis=1)
     write_png(png, rgb)
     return Path(png)
+
+
+def save_demo_pictures(nexus_file: str | Path, directory: str | Path) -> dict[str, Path]:
+    """The demo's pictures: the sinogram (three peaks as RGB) and the tomograms of three phases beside
+    their sinograms (the tomograms are also written into the NeXus file)."""
+    from .tomo import save_nexus_tomogram_png, write_tomograms
+
+    directory = Path(directory)
+    out = {"sinogram": save_sinogram_png(nexus_file, directory / "sinogram.png")}
+    with h5py.File(nexus_file, "r", swmr=True) as f:
+        ranges = strongest_bins(f["entry/sinogram/intensity"][()])  # peaks that differ in space: phases
+    write_tomograms(nexus_file, bins=ranges)
+    out["tomogram"] = save_nexus_tomogram_png(nexus_file, directory / "tomogram.png")
+    return out
 
 
 def write_png(path: str | Path, rgb: np.ndarray) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 def run_demo(args) -> int:
     import tango
 
-    from pipeline.preview import save_sinogram_png
+    from pipeline.preview import save_demo_pictures
     from pipeline.simulate import Player, SimulatedScan
 
     from .cli import serving
@@ -103,9 +103,9 @@ def run_demo(args) -> int:
             dev.unsubscribe_event(i)
     print(f"reduced {summary[0]}/{summary[1]} frames (missing {summary[2]}, failed {summary[3]})")
     print(f"NeXus file: {nexus}")
-    png = work / "sinogram.png"
-    save_sinogram_png(nexus, png)
-    print(f"sinogram picture: {png}")
+    pictures = save_demo_pictures(nexus, work)
+    print(f"sinogram picture: {pictures['sinogram']}")
+    print(f"tomogram picture (tomograms next to their sinograms, also in the NeXus file): {pictures['tomogram']}")
     ok = final == tango.DevState.ON and summary[0] == sim.n_frames
     if not ok:
         print("demo did not reduce every frame", file=sys.stderr)
