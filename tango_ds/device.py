@@ -541,6 +541,9 @@ class XRDCTReducer(Device):
                format="%.4g", doc="live sinogram [rotation, translation] of the mean intensity over the bins "
                "sinogram_bin_start..sinogram_bin_stop-1 (NaN: not reduced yet)")
     def sinogram(self):
+        return self._sinogram_image()
+
+    def _sinogram_image(self) -> np.ndarray:
         with self._lock:
             cube = self._cube
             if cube is None:
@@ -554,6 +557,26 @@ class XRDCTReducer(Device):
                 return np.ascontiguousarray(sl[:, :, 0])
             with np.errstate(invalid="ignore"):
                 return sl.mean(axis=2).astype(np.float32)
+
+    @attribute(dtype=((np.float32,),), max_dim_x=16384, max_dim_y=16384, label="Tomogram", unit="a.u.",
+               format="%.4g", doc="live filtered back-projection [y, x] of the sinogram attribute (same bins), "
+               "from the rotations reduced so far (0-180 degrees); recomputed at most twice a second")
+    def tomogram(self):
+        from pipeline.tomo import reconstruct
+
+        sino = self._sinogram_image()
+        key = (sino.shape, self._sino_start, self._sino_stop, int(np.isfinite(sino).sum()))
+        cached = getattr(self, "_tomo_cache", None)
+        if cached is not None and cached[0] == key and time.monotonic() - cached[1] < 0.5:
+            return cached[2]
+        image = np.zeros((0, 0), np.float32)
+        if sino.size and np.isfinite(sino).any():
+            try:
+                image = reconstruct(sino, engine="cpu").images[0].astype(np.float32)
+            except ValueError:  # no rotation measured well enough yet
+                pass
+        self._tomo_cache = (key, time.monotonic(), image)
+        return image
 
     @attribute(dtype=int, access=AttrWriteType.READ_WRITE, label="Sinogram first bin", format="%d", min_value=0,
                max_value=MAX_BINS - 1, doc="first radial bin (0-based) averaged into the sinogram attribute")

@@ -117,6 +117,12 @@ def test_scan_counters_events_and_offline_equality(make_device, dirs, sim_scan, 
     dev.sinogram_bin_stop = peak + 3
     with np.errstate(invalid="ignore"):
         assert_same(dev.sinogram, offline["sinogram"][:, :, peak:peak + 3].mean(axis=2).astype(np.float32))
+    # the live tomogram is the filtered back-projection of that sinogram
+    from pipeline.tomo import reconstruct
+
+    expected = reconstruct(offline["sinogram"][:, :, peak:peak + 3].mean(axis=2), engine="cpu").images[0]
+    np.testing.assert_allclose(dev.tomogram, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+    assert dev.tomogram.shape == (TRANS, TRANS)
 
     # a second scan with the same configuration reuses the pyFAI set-up (Start stays fast)
     assert dev.setup_builds == 1
