@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import queue
 import threading
 import time
@@ -26,6 +25,7 @@ import numpy as np
 
 from ..cbf import CbfFrame, CorruptCbfError
 from ..engines import EngineFailure
+from ..fastio import read_into
 from ..geometry import IntegrationSetup
 from ..results import FrameResult
 
@@ -239,15 +239,12 @@ class OpenCLEngine:
         if index is None:
             return parse_frame(Path(path).read_bytes(), check_md5)
         try:
-            with open(path, "rb", buffering=0) as handle:
-                size = os.fstat(handle.fileno()).st_size
-                if size > self.arena.slot_bytes:
-                    self.arena.give(index)
-                    index = None
-                    handle.seek(0)
-                    return parse_frame(handle.read(), check_md5)
-                view = self.arena.view(index, size)
-                got = handle.readinto(memoryview(view))
+            view = self.arena.view(index, self.arena.slot_bytes)
+            got = read_into(path, view)
+            if got < 0:  # larger than a slot: ordinary memory
+                self.arena.give(index)
+                index = None
+                return parse_frame(Path(path).read_bytes(), check_md5)
             frame = parse_frame(memoryview(view[:got]), check_md5)
         except BaseException:
             if index is not None:
