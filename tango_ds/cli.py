@@ -181,3 +181,15 @@ def add_subcommands(sub) -> None:
     p.add_argument("--db-file", default=str(DEFAULT_DB_FILE),
                    help=f"sqlite file of the embedded database (default {DEFAULT_DB_FILE}; ':memory:' forgets)")
     p.set_defaults(func=cmd_serve)
+
+    from .panel import add_arguments as add_panel_arguments
+
+    p = sub.add_parser("panel", help="open the Taurus operator panel of an XRDCTReducer device (needs the gui extra)")
+    add_panel_arguments(p)
+    p.set_defaults(func=_cmd_panel)
+
+
+def _cmd_panel(args) -> int:
+    from .panel import run
+
+    return run(args)
