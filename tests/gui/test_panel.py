@@ -18,7 +18,7 @@ from gui_support import BINS, ROT, TEST_OUTPUT, TRANS, configure, wait_for  # no
 
 from pipeline.simulate import Player  # noqa: E402
 
-pytestmark = [pytest.mark.gui, pytest.mark.tango, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.gui, pytest.mark.tango, pytest.mark.leaves_threads, pytest.mark.timeout(180)]
 
 ON, RUNNING = tango.DevState.ON, tango.DevState.RUNNING
 WAIT_MS = 60_000

@@ -20,6 +20,7 @@ ON, RUNNING = tango.DevState.ON, tango.DevState.RUNNING
 MACROS = {"xrdct_start", "xrdct_stop", "xrdct_wait", "xrdct_status", "xrdct_pre_scan", "xrdct_post_scan"}
 
 
+@pytest.mark.leaves_threads(order=1)
 def test_macro_library_loads_in_a_macroserver():
     pytest.importorskip("sardana")
     from sardana.macroserver.macroserver import MacroServer
@@ -146,12 +147,16 @@ class _FakeMacro:
         return Reduction(self._red_dev, log=self.output, period=0.05)
 
 
+@pytest.mark.leaves_threads(order=0)  # its device is forked before its MacroServer starts threads
 def test_hook_macros_start_and_stop_around_a_scan(make_device, dirs, sim_scan):
     pytest.importorskip("sardana")
-    import xrdct_macros as macros
+    from sardana.macroserver.macroserver import MacroServer
 
     landing, output = dirs
     dev = make_device(props(landing, output))
+    MacroServer("xrdct_hooks").set_macro_path([str(MACRO_DIR)])  # registers the parameter types
+    import xrdct_macros as macros
+
     configure(dev, sim_scan, scan="1x1")
     fake = _FakeMacro(macros, dev, {"ScanID": 42, "XRDCTScanShape": "10x20"})
     macros.xrdct_pre_scan.run(fake)
