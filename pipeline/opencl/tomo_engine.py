@@ -18,34 +18,14 @@ try:
 except ImportError as exc:  # pragma: no cover - pipeline.tomo falls back to the CPU
     raise ImportError(f"pyopencl is not importable: {exc}") from exc
 
+from .devices import find_device  # noqa: E402
+
 KERNEL = Path(__file__).with_name("backproject.cl")
 
 
 def pick_device(spec: str | None = None, gpu_only: bool = False):
-    """An OpenCL device: by ``"P:D"`` indices or a substring of its (platform) name; else the first GPU, else
-    (unless ``gpu_only``) the first device; None when there is none."""
-    try:
-        platforms = cl.get_platforms()
-    except cl.Error:
-        return None
-    devices = []
-    for pi, platform in enumerate(platforms):
-        try:
-            devices += [(pi, di, d) for di, d in enumerate(platform.get_devices())]
-        except cl.Error:
-            continue
-    if spec:
-        s = spec.lower()
-        for pi, di, d in devices:
-            if s == f"{pi}:{di}" or s in d.name.lower() or s in d.platform.name.lower():
-                return d
-        return None
-    gpus = [d for _, _, d in devices if d.type & cl.device_type.GPU]
-    if gpus:
-        return gpus[0]
-    if gpu_only or not devices:
-        return None
-    return devices[0][2]
+    """An OpenCL device by ``"P:D"`` or a part of its name, else the first GPU (see :func:`devices.find_device`)."""
+    return find_device(spec, gpu_only=gpu_only)
 
 
 class OpenCLBackprojector:
