@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -93,6 +94,14 @@ def cmd_reduce(args) -> int:
           f"in {m.elapsed:.2f} s ({fps:.1f} fps, {m.engine}) -> {args.output}")
     if m.state == "fault":
         print(f"error: {m.message}", file=sys.stderr)
+        from .nexus import OutputError
+
+        if isinstance(reducer.error, OutputError):
+            # HDF5 cannot close a file whose writes failed, and crashes at interpreter exit trying again
+            # (h5py 3.16 / HDF5 1.14, seen with a full disk): leave without its exit handlers.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
     return 0
 

@@ -16,6 +16,7 @@ Layout (``default`` attributes lead a viewer from the root to the patterns)::
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import time
@@ -31,6 +32,17 @@ from .scan import ScanModel
 logger = logging.getLogger(__name__)
 
 STATUS_PENDING, STATUS_OK, STATUS_MISSING, STATUS_FAILED = 0, 1, 2, 3
+
+
+class OutputError(OSError):
+    """The output file could not be written (``full``: the disk is full); the message says what is safe."""
+
+    def __init__(self, message: str, full: bool = False):
+        super().__init__(errno.ENOSPC if full else errno.EIO, message)
+        self.full = full
+
+    def __str__(self) -> str:
+        return self.strerror
 _RADIAL_NAMES = {"q_nm^-1": ("q", "1/nm"), "q_A^-1": ("q", "1/angstrom"), "2th_deg": ("two_theta", "degree")}
 _STR = h5py.string_dtype("utf-8", 512)
 
@@ -63,6 +75,9 @@ class NexusWriter:
         self.sinogram = np.full((scan.rotations, scan.translations, self.nbins), np.nan, dtype=np.float32)
         self.measured = np.zeros((scan.rotations, scan.translations), dtype=np.uint8)
         self.n_rows = 0
+        self.committed = 0  # frames whose data and status are on disk
+        self._committed_before_block = 0
+        self.failed: OutputError | None = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = h5py.File(self.path, "w", libver="latest")
         self._create(radial, unit, config_json, poni_text, engine, extra_info or {})
@@ -145,6 +160,7 @@ class NexusWriter:
 
     def _new_block(self, start: int) -> None:
         n, nb = self.BLOCK, self.nbins
+        self._committed_before_block = self.committed
         self._start = start
         self._fill = 0  # rows [start, start + fill) are held; the rest of the block is NaN
         self._inten = np.full((n, nb), np.nan, np.float32)
@@ -187,7 +203,26 @@ class NexusWriter:
                 self._new_block(self._start + self.BLOCK)
 
     def flush(self) -> None:
-        """Write the buffered rows and dirty sinogram lines, then let SWMR readers see them."""
+        """Write the buffered rows and dirty sinogram lines, then let SWMR readers see them.
+
+        Data go to disk before the status that declares them reduced: if the disk fills up in between,
+        the file never says "reduced" over a missing pattern (a resume then simply redoes those frames).
+        Write errors are raised as :class:`OutputError` with the number of frames safely written.
+        """
+        if self.failed is not None:
+            raise self.failed
+        try:
+            self._flush()
+        except (OSError, RuntimeError, ValueError) as exc:
+            full = getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc)
+            what = "the output disk is full" if full else f"writing the output failed ({exc})"
+            self.failed = OutputError(
+                f"{what}: {self.path}; {self.committed} frames are safely written and readable, the frames "
+                "after them are not. Free space (or fix the cause), then resume the scan (xrdct reduce "
+                "--resume, or Reset and Start with the same name on the device).", full=full)
+            raise self.failed from exc
+
+    def _flush(self) -> None:
         if getattr(self, "_fill", 0):
             start, n = self._start, self._fill
             stop = start + n
@@ -198,36 +233,41 @@ class NexusWriter:
                     ds.resize((stop,))
                 self.n_rows = stop
             held = self._frames[:n] >= 0  # rows of this block not given (yet) keep what the file has
-            if held.all():
-                self.intensity[start:stop] = self._inten[:n]
-                self.errors[start:stop] = self._err[:n]
-                self.frame_number[start:stop] = self._frames[:n]
-                self.status[start:stop] = self._status[:n]
-                self.source_file[start:stop] = self._sources[:n]
-                self.landed[start:stop] = self._landed[:n]
-            else:
-                for k in np.flatnonzero(held):
-                    i = start + int(k)
-                    self.intensity[i] = self._inten[k]
-                    self.errors[i] = self._err[k]
-                    self.frame_number[i] = self._frames[k]
-                    self.status[i] = self._status[k]
-                    self.source_file[i] = self._sources[k]
-                    self.landed[i] = self._landed[k]
+            rows = [(slice(start, stop), slice(0, n))] if held.all() else \
+                [(start + int(k), int(k)) for k in np.flatnonzero(held)]
+            for dst, src in rows:  # first the data...
+                self.intensity[dst] = self._inten[src]
+                self.errors[dst] = self._err[src]
+                self.frame_number[dst] = self._frames[src]
+                self.source_file[dst] = self._sources[src]
+                self.landed[dst] = self._landed[src]
+            self.file.flush()
+            for dst, src in rows:  # ...then the status that says they are there
+                self.status[dst] = self._status[src]
         if self._dirty_rot:
             for rot, (lo, hi) in sorted(self._dirty_rot.items()):  # only the cells that changed
                 self.sino_ds[rot, lo:hi + 1] = self.sinogram[rot, lo:hi + 1]
                 self.measured_ds[rot, lo:hi + 1] = self.measured[rot, lo:hi + 1]
             self._dirty_rot.clear()
         self.file.flush()
+        if getattr(self, "_fill", 0):
+            self.committed = max(self.committed, int((self._status[: self._fill] != STATUS_PENDING).sum())
+                                 + self._committed_before_block)
         self._last_flush = time.monotonic()
 
     def close(self) -> None:
+        """Flush and close; after a write failure, close what can be closed and keep the first error."""
         if not self.file:
             return
         try:
-            self.flush()
-            self.file["entry/end_time"][()] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            self.file.flush()
+            if self.failed is None:
+                self.flush()
+                self.file["entry/end_time"][()] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+                self.file.flush()
         finally:
-            self.file.close()
+            try:
+                self.file.close()
+            except (OSError, RuntimeError):
+                if self.failed is None:
+                    raise
+                logger.warning("closing %s after a write failure: %s", self.path, "ignored")

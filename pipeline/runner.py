@@ -26,7 +26,7 @@ from .cbf import CbfError, parse_frame, parse_header
 from .config import ReductionConfig
 from .engines import EngineFailure, make_engine
 from .geometry import IntegrationSetup, build_setup
-from .nexus import STATUS_FAILED, STATUS_MISSING, STATUS_OK, NexusWriter
+from .nexus import STATUS_FAILED, STATUS_MISSING, STATUS_OK, NexusWriter, OutputError
 from .results import FrameResult
 from .scan import ScanModel
 from .source import DEFAULT_PATTERN, FrameRef, LandingSource
@@ -378,6 +378,10 @@ class Reducer:
         self._threads = threads
         try:
             self._assemble(results, writer, refs, frames)
+        except OutputError:
+            with self._lock:  # what the file holds, not what was computed
+                self.metrics.frames_processed = min(self.metrics.frames_processed, writer.committed)
+            raise
         finally:
             self._stop.set()
             writer.close()

@@ -1,0 +1,75 @@
+"""The output disk fills up: a clear error, nothing claimed that is not on disk, and a resume completes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+from _support import write_cbf
+
+PONI = ("Distance: 0.1\nPoni1: 0.0021\nPoni2: 0.0033\nRot1: 0.01\nRot2: 0.02\nRot3: 0\n"
+        "PixelSize1: 0.0001\nPixelSize2: 0.0001\nWavelength: 1e-10\n")
+N = 40
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs (needs root and the right to mount, as on the CI machine)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small file system needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def reduce(landing, out, poni, *extra):
+    cmd = [sys.executable, "-m", "pipeline.cli", "reduce", str(landing), "-o", str(out), "--poni", str(poni),
+           "--bins", "300", "--scan", "4x10", "--engine", "cpu", "--json", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+
+
+def test_full_disk_faults_clearly_and_resume_completes(tmp_path, small_disk):
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    for i in range(N):
+        write_cbf(landing / f"f_{i:05d}.cbf", np.random.default_rng(i).poisson(40, (48, 64)).astype(np.int32))
+    poni = tmp_path / "g.poni"
+    poni.write_text(PONI)
+    filler = small_disk / "filler"
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    filler.write_bytes(b"\0" * (free - 400 * 1024))  # leave 400 KiB: the file starts, then the disk is full
+    out = small_disk / "scan.h5"
+
+    first = reduce(landing, out, poni)
+    assert first.returncode == 2, first.stderr
+    assert "output disk is full" in first.stderr and "resume" in first.stderr
+    with h5py.File(out, "r", swmr=True) as f:  # whatever the file says is reduced, it holds
+        status = f["entry/integrated/frame_status"][()]
+        intensity = f["entry/integrated/intensity"][()]
+    ok = status == 1
+    assert ok.sum() < N
+    assert np.isfinite(intensity[ok]).all()
+
+    filler.unlink()  # the operator frees space
+    second = reduce(landing, out, poni, "--resume")
+    assert second.returncode == 0, second.stderr
+    summary = json.loads(second.stdout.strip().splitlines()[-1])
+    assert summary["frames"] == N and summary["failed"] == 0 and summary["missing"] == 0
+    fresh = reduce(landing, tmp_path / "fresh.h5", poni)
+    assert fresh.returncode == 0, fresh.stderr
+    with h5py.File(out, "r") as f, h5py.File(tmp_path / "fresh.h5", "r") as g:
+        assert sorted(f["entry/integrated/frame_number"][()].tolist()) == list(range(N))
+        assert (f["entry/integrated/frame_status"][()] == 1).all()
+        np.testing.assert_allclose(f["entry/integrated/intensity"][()], g["entry/integrated/intensity"][()],
+                                   rtol=1e-6)
