@@ -169,10 +169,10 @@ def parse_header(head: bytes | bytearray) -> CbfHeader:
     conversions = conv.group(1).decode() if conv else "unknown"
     if conversions != "x-CBF_BYTE_OFFSET":
         raise CorruptCbfError(f"unsupported compression {conversions!r} (only x-CBF_BYTE_OFFSET)")
-    etype = mime.get("X-Binary-Element-Type", b'"signed 32-bit integer"').strip(b'"').decode()
+    etype = mime.get("X-Binary-Element-Type", b'"signed 32-bit integer"').strip(b'"').decode("ascii", "replace")
     if etype not in ("signed 32-bit integer", "unsigned 32-bit integer", "signed 16-bit integer"):
         raise CorruptCbfError(f"unsupported element type {etype!r}")
-    order = mime.get("X-Binary-Element-Byte-Order", b"LITTLE_ENDIAN").decode()
+    order = mime.get("X-Binary-Element-Byte-Order", b"LITTLE_ENDIAN").decode("ascii", "replace")
     if order != "LITTLE_ENDIAN":
         raise CorruptCbfError(f"unsupported byte order {order!r}")
     shape = (values["dim_slow"], values["dim_fast"])
@@ -188,7 +188,7 @@ def parse_header(head: bytes | bytearray) -> CbfHeader:
         n_elements=n_elements,
         shape=shape,
         padding=values.get("padding", 0),
-        md5=md5.decode() if md5 else None,
+        md5=md5.decode("ascii", "replace") if md5 else None,
         element_type=etype,
         conversions=conversions,
         text=text,
