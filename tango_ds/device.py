@@ -617,6 +617,19 @@ class XRDCTReducer(Device):
              dtype_out=str, doc_out="absolute path of the NeXus file that will be written")
     def Start(self, name: str) -> str:
         """Begin a scan: watch the landing directory and reduce into a new file.  Returns at once."""
+        return self._begin(name, resume=False)
+
+    def is_Resume_allowed(self) -> bool:
+        return self._compute_state() == DevState.ON
+
+    @command(dtype_in=str, doc_in="name (relative to OutputDirectory) of the file of an interrupted scan",
+             dtype_out=str, doc_out="absolute path of the NeXus file that will be written")
+    def Resume(self, name: str) -> str:
+        """Continue an interrupted scan (after a Stop, a crash or a full disk): the frames its file holds are
+        kept (the file is moved aside as NAME.interrupted-N.h5), only the others are reduced.  Returns at once."""
+        return self._begin(name, resume=True)
+
+    def _begin(self, name: str, resume: bool) -> str:
         config = self._config()
         try:
             if not self._geometry:
@@ -626,7 +639,7 @@ class XRDCTReducer(Device):
                 raise ScanError("no scan shape: write scan_shape (NROTxNTRANS) first")
             scan = ScanModel.parse(self._scan_shape)
             compile_pattern(self.FilenamePattern)
-            output = self._output_path(name)
+            output = self._output_path(name, resume=resume)
         except ValueError as exc:
             tango.Except.throw_exception("XRDCT_CannotStart", f"cannot start: {exc}", "XRDCTReducer.Start")
         nbins = int(config.bins)
@@ -642,12 +655,12 @@ class XRDCTReducer(Device):
                           if cube_bytes <= MAX_SINO_CUBE else None)
             self._pattern = np.zeros(0, np.float32)
             self._result_seq += 1
-        self._starter = threading.Thread(target=self._start_worker, args=(config, scan, output),
+        self._starter = threading.Thread(target=self._start_worker, args=(config, scan, output, resume),
                                          name="xrdct-starter", daemon=True)
         self._starter.start()
         return str(output)
 
-    def _output_path(self, name: str) -> Path:
+    def _output_path(self, name: str, resume: bool = False) -> Path:
         root = Path(self.OutputDirectory).resolve()
         name = (name or "").strip()
         if not name:
@@ -666,11 +679,13 @@ class XRDCTReducer(Device):
             raise ValueError(f"output name {name!r} escapes OutputDirectory {root}")
         if not re.fullmatch(r"[\w.\-/ +=,@]+", name):
             raise ValueError(f"output name {name!r} has unusual characters")
-        if path.exists():
-            raise ValueError(f"{path} exists already; previous results are never overwritten")
+        if resume and not path.is_file():
+            raise ValueError(f"{path} does not exist: nothing to resume")
+        if path.exists() and not resume:
+            raise ValueError(f"{path} exists already; previous results are never overwritten (Resume continues it)")
         return path
 
-    def _start_worker(self, config: ReductionConfig, scan: ScanModel, output: Path) -> None:
+    def _start_worker(self, config: ReductionConfig, scan: ScanModel, output: Path, resume: bool = False) -> None:
         """Starter thread: directories, set-up (cached), then the Reducer.  Failures -> FAULT."""
         from pipeline.runner import Reducer
 
@@ -692,7 +707,8 @@ class XRDCTReducer(Device):
                 return
             self._radial = np.asarray(setup.radial, dtype=np.float64)
             reducer = Reducer(config, landing, output, scan=scan, pattern=self.FilenamePattern, live=True,
-                              missing_timeout=float(self.MissingTimeout), setup=setup, on_result=self._on_result)
+                              missing_timeout=float(self.MissingTimeout), setup=setup, on_result=self._on_result,
+                              resume=resume)
             self._reducer = reducer
             self._phase = "running"
             reducer.start()

@@ -255,3 +255,36 @@ def test_init_in_the_middle_of_a_scan(make_device, dirs, sim_scan):
     assert dev.Start("after_init.h5").endswith("after_init.h5")
     wait_for(lambda: dev.state() == ON, timeout=60)
     assert dev.frames_processed == 1
+
+
+def test_resume_an_interrupted_scan(make_device, dirs, sim_scan, offline):
+    """Stop after half a scan, Resume once the rest has landed: every frame once, equal to offline."""
+    import h5py
+
+    landing, output = dirs
+    dev = make_device(props(landing, output))
+    configure(dev, sim_scan)
+    n = ROT * TRANS
+    frames = list(sim_scan.scan.frames())
+    with pytest.raises(tango.DevFailed, match="nothing to resume"):
+        dev.Resume("never_started.h5")
+    path = dev.Start("half")
+    wait_for(lambda: "preparing" not in dev.status())
+    Player(sim_scan, landing, rate=0, frames=frames[: n // 2]).run()
+    wait_for(lambda: dev.frames_processed == n // 2, timeout=60)
+    dev.Stop()
+    wait_for(lambda: dev.state() == ON, timeout=30)
+    with pytest.raises(tango.DevFailed, match="exists already"):
+        dev.Start("half.h5")  # results are never overwritten
+
+    Player(sim_scan, landing, rate=0, frames=frames[n // 2:]).run()  # the rest lands while idle
+    assert dev.Resume("half.h5") == path
+    wait_for(lambda: dev.state() == ON and dev.frames_processed == n, timeout=60)
+    assert dev.frames_missing == 0 and dev.frames_failed == 0
+    assert (output / "half.interrupted-1.h5").is_file()
+    with h5py.File(path, "r") as f:
+        assert sorted(f["entry/integrated/frame_number"][()].tolist()) == frames
+        assert (f["entry/integrated/frame_status"][()] == 1).all()
+    nexus = read_nexus(path)
+    assert_same(nexus["integrated"], offline["integrated"])
+    assert_same(nexus["sinogram"], offline["sinogram"])
