@@ -222,6 +222,7 @@ class Reducer:
                 self.setup = build_setup(self.config, shape=self._probe_shape())
             if self.engine is None:
                 self.engine = make_engine(self.setup, self.config, on_event=self._event)
+                self._own_engine = True
             scan = self.scan
             with self._lock:
                 self.metrics.engine = self.engine.description
@@ -234,6 +235,8 @@ class Reducer:
             self._set_state("fault", f"{type(exc).__name__}: {exc}")
         finally:
             self.t_end = time.time()
+            if getattr(self, "_own_engine", False) and hasattr(self.engine, "close"):
+                self.engine.close()  # an engine made here ends with the scan (its threads too)
 
     def _probe_shape(self) -> tuple[int, int] | None:
         """Frame shape for a PONI without a detector shape: from the first frame that has landed."""

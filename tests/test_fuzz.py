@@ -119,7 +119,7 @@ def _engine(device, n_pixels):
                 "PixelSize1: 0.0001\nPixelSize2: 0.0001\nWavelength: 1e-10\n")
         setup = build_setup(ReductionConfig(poni_text=poni, bins=4), shape=(1, n_pixels))
         _ENGINES[n_pixels] = OpenCLEngine(setup, device, batch_size=4, slots=1, staging_frames=8,
-                                          staging_bytes=16384)
+                                          staging_bytes=16384, pack_threads=0)
     return _ENGINES[n_pixels]
 
 

@@ -167,6 +167,12 @@ class OpenCLEngine:
         self._pack_pool = ThreadPoolExecutor(pack_threads, thread_name_prefix="xrdct-pack") if pack_threads else None
         self._lock = threading.Lock()
 
+    def close(self) -> None:
+        """Stop the packing threads (device buffers go with the object)."""
+        if self._pack_pool is not None:
+            self._pack_pool.shutdown(wait=True)
+            self._pack_pool = None
+
     @property
     def description(self) -> str:
         return (f"opencl: {self.device.name.strip()} ({self.device.platform.name.strip()}), "
