@@ -85,6 +85,19 @@ def cmd_reduce(args) -> int:
         print("\ninterrupted: finishing the frames already read", file=sys.stderr)
         reducer.abort(30)
     m = reducer.snapshot()
+    if args.tomogram and m.state == "done":
+        import h5py
+
+        from .preview import strongest_bins
+        from .tomo import write_tomograms
+
+        if args.tomogram == "all":
+            bins = "all"
+        else:
+            with h5py.File(args.output, "r") as f:
+                bins = strongest_bins(f["entry/sinogram/intensity"][()])
+        tomos = write_tomograms(args.output, bins=bins)
+        print(f"tomograms of {len(tomos.images)} channels written to {args.output}:/entry/tomogram", file=sys.stderr)
     fps = (m.frames_processed - m.frames_resumed) / m.elapsed if m.elapsed else 0.0
     summary = {"output": str(args.output), "frames": m.frames_processed, "resumed": m.frames_resumed,
                "missing": m.frames_missing,
@@ -202,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted OUT.h5: its reduced frames are kept (the old file is moved "
                         "aside), the others are reduced")
     p.add_argument("--overwrite", action="store_true", help="replace OUT.h5 if it exists")
+    p.add_argument("--tomogram", choices=["peaks", "all"],
+                   help="at the end, add tomograms to OUT.h5: of the strongest peaks (one per phase where the "
+                        "phases differ in space), or of every bin")
     p.set_defaults(func=cmd_reduce)
 
     p = sub.add_parser("simulate", help="write a synthetic XRD-CT scan as Pilatus3 2M CdTe CBF files")

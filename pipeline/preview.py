@@ -18,7 +18,8 @@ def strongest_bins(patterns: np.ndarray, n: int = 3, width: int = 3, candidates:
     """
     flat = np.nan_to_num(patterns.reshape(-1, patterns.shape[-1]))
     high = np.percentile(flat, 95, axis=0)
-    excess = high - np.convolve(high, np.ones(51) / 51, mode="same")
+    window = max(1, min(51, high.size) // 2 * 2 - 1)  # odd, no longer than the pattern
+    excess = high - np.convolve(high, np.ones(window) / window, mode="same")
     peaks: list[int] = []
     for idx in np.argsort(excess)[::-1]:
         if all(abs(idx - p) > 4 * width for p in peaks):

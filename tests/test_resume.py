@@ -123,3 +123,18 @@ def test_resume_refuses_other_settings_and_keeps_the_file(scan_dirs):
     assert out.read_bytes() == digest  # untouched
     again = subprocess.run(reduce_cmd(landing, out), capture_output=True, timeout=120)
     assert again.returncode != 0 and "not overwritten" in again.stderr.decode()
+
+
+def test_reduce_can_add_tomograms(scan_dirs):
+    landing, tmp = scan_dirs
+    for i in range(N_FRAMES):
+        write_cbf(landing / f"f_{i:05d}.cbf", frame_data(i))
+    out = tmp / "tomo.h5"
+    done = subprocess.run(reduce_cmd(landing, out, "--tomogram", "peaks"), capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()
+    with h5py.File(out, "r") as f:
+        tomo = f["entry/tomogram"]
+        assert tomo.attrs["NX_class"] == "NXdata"
+        images = tomo["intensity"][()]
+        assert images.ndim == 3 and images.shape[1:] == (N_FRAMES // 2, N_FRAMES // 2)
+        assert np.isfinite(images).all()
