@@ -332,19 +332,22 @@ class OpenCLEngine:
                                            seg_end, seg_pos, seg_count, seg_base, slot.image, mc,
                                            np.int32(setup.n_pixels))
         errors = slot.errors_host[:n]
-        cl.enqueue_copy(q, errors, err_buf, is_blocking=False)
+        if not integrate:
+            cl.enqueue_copy(q, errors, err_buf, is_blocking=False)
         if integrate:
             nb = setup.nbins
             lo, hi, active = self.dummy
             ev["integrate"] = p["csr_integrate"](
                 q, (nb * INT_WG, n), (INT_WG, 1), slot.image, np.int32(setup.n_pixels), self.coef, self.indices,
                 self.indptr, self.norm, self.static_norm, self.static_count, lo, hi, active, self.poisson,
-                np.float32(setup.empty), slot.out, np.int32(nb))
+                np.float32(setup.empty), err_buf, slot.out, np.int32(nb))
             res = slot.out_host[:n]
             ev["copy-out"] = cl.enqueue_copy(q, res, slot.out, is_blocking=False)
             q.finish()
             poisson = bool(self.poisson)
             block = res.copy()  # one copy for the batch; each result is a view of it
+            # a frame the decoder flagged comes back with count -1 (saves a read-back per batch)
+            errors = (block[:, 2, 0] < 0).astype(np.int32)
             for k, (i, results) in enumerate(places):
                 if errors[k]:
                     results[i] = self._explain(frames[k], errors[k])

@@ -14,7 +14,7 @@ kernel void csr_integrate(global const int *image, const int npix,
                           global const float *norm, global const double *static_norm,
                           global const double *static_count, const float lo, const float hi,
                           const int check_dummy, const int poisson, const float empty,
-                          global float *out, const int nbins)
+                          global const int *frame_error, global float *out, const int nbins)
 {
     local double l_sig[INT_WG];
     local double l_var[INT_WG];
@@ -23,6 +23,15 @@ kernel void csr_integrate(global const int *image, const int npix,
     const int bin = get_group_id(0);
     const int f = get_group_id(1);
     const int lid = get_local_id(0);
+    if (frame_error[f]) {  /* undecodable frame: no pattern, count -1 tells the host */
+        if (lid == 0) {
+            global float *o = out + (long)f * 3 * nbins;
+            o[bin] = empty;
+            o[nbins + bin] = empty;
+            o[2 * nbins + bin] = -1.0f;
+        }
+        return;
+    }
     global const int *img = image + (long)f * npix;
     double sig = 0.0, var = 0.0, dn = 0.0, dc = 0.0;
     const int stop = indptr[bin + 1];
