@@ -73,6 +73,13 @@ def pyfai_method(split: str) -> tuple[str, str, str]:
     return (split, "csr", "cython")
 
 
+def _operator_kwargs(config: ReductionConfig, mask: np.ndarray) -> dict:
+    """The ``integrate1d`` arguments that fix pyFAI's sparse matrix and corrections."""
+    return dict(method=pyfai_method(config.split), unit=config.unit, mask=mask.astype(np.int8),
+                correctSolidAngle=config.solid_angle, polarization_factor=config.polarization,
+                radial_range=config.radial_range)
+
+
 @dataclass
 class IntegrationSetup:
     """Everything an engine needs, derived once from the configuration."""
@@ -122,13 +129,9 @@ class IntegrationSetup:
 
     def pyfai_kwargs(self) -> dict:
         """Arguments that make ``integrate1d`` compute what our engines compute."""
-        cfg = self.config
-        kwargs = dict(method=pyfai_method(cfg.split), unit=cfg.unit, mask=self.mask.astype(np.int8),
-                      correctSolidAngle=cfg.solid_angle, polarization_factor=cfg.polarization,
-                      dummy=self.dummy, delta_dummy=self.delta_dummy if self.dummy is not None else None,
-                      error_model="poisson" if cfg.error_model == "poisson" else None,
-                      radial_range=cfg.radial_range)
-        return kwargs
+        return dict(_operator_kwargs(self.config, self.mask), dummy=self.dummy,
+                    delta_dummy=self.delta_dummy if self.dummy is not None else None,
+                    error_model="poisson" if self.config.error_model == "poisson" else None)
 
 
 def build_setup(config: ReductionConfig, shape: tuple[int, int] | None = None) -> IntegrationSetup:
@@ -165,11 +168,8 @@ def build_setup(config: ReductionConfig, shape: tuple[int, int] | None = None) -
 
     # Let pyFAI build its own sparse matrix exactly as integrate1d would.
     probe = np.zeros(shape, dtype=np.float32)
-    kwargs = dict(method=pyfai_method(config.split), unit=config.unit, mask=mask.astype(np.int8),
-                  correctSolidAngle=config.solid_angle, polarization_factor=config.polarization,
-                  radial_range=config.radial_range)
     try:
-        res = ai.integrate1d(probe, config.bins, **kwargs)
+        res = ai.integrate1d(probe, config.bins, **_operator_kwargs(config, mask))
     except Exception as exc:
         raise ConfigError(f"pyFAI cannot build the integrator: {exc}") from exc
     engine = ai.engines[res.method].engine

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cbf import CbfError, parse_frame, parse_header
+from .cbf import CbfError, parse_header, read_frame
 from .config import ReductionConfig
 from .engines import EngineFailure, make_engine
 from .geometry import IntegrationSetup, build_setup
@@ -335,7 +335,7 @@ class Reducer:
                         if load is not None:
                             item = (ref, load(ref.path, self.config.check_md5), None)
                         else:
-                            item = (ref, parse_frame(ref.path.read_bytes(), self.config.check_md5), None)
+                            item = (ref, read_frame(ref.path, self.config.check_md5), None)
                     except (CbfError, OSError) as exc:
                         item = (ref, None, f"{type(exc).__name__}: {exc}")
                 self._busy("read", time.perf_counter() - t0)

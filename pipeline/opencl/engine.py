@@ -204,18 +204,18 @@ class OpenCLEngine:
     # -- public ---------------------------------------------------------------
     def load(self, path, check_md5: bool = False) -> CbfFrame:
         """Read a CBF file into page-locked memory (ordinary memory when none is free or it is too big)."""
-        from ..cbf import parse_frame
+        from ..cbf import parse_frame, read_frame
 
         index = self.arena.take(timeout=1.0)  # back-pressure: wait for a batch to free its slots
         if index is None:
-            return parse_frame(Path(path).read_bytes(), check_md5)
+            return read_frame(path, check_md5)
         try:
             view = self.arena.view(index, self.arena.slot_bytes)
             got = read_into(path, view)
             if got < 0:  # larger than a slot: ordinary memory
                 self.arena.give(index)
                 index = None
-                return parse_frame(Path(path).read_bytes(), check_md5)
+                return read_frame(path, check_md5)
             frame = parse_frame(memoryview(view[:got]), check_md5)
         except BaseException:
             if index is not None:
