@@ -22,6 +22,7 @@ BINARY_MARKER = b"\x0c\x1a\x04\xd5"
 #: The header of every real Pilatus file fits in far less; a larger search
 #: window only costs time on garbage files.
 MAX_HEADER_BYTES = 64 * 1024
+_HEADER_GUESS = 8192
 
 _MIME_KEYS = {
     b"X-Binary-Size": "binary_size",
@@ -221,7 +222,13 @@ class CbfFrame:
 def parse_frame(buffer: bytes | bytearray | memoryview, check_md5: bool = False) -> CbfFrame:
     """Split a whole CBF file held in memory into header and compressed stream."""
     view = memoryview(buffer).cast("B")
-    header = parse_header(buffer if isinstance(buffer, (bytes, bytearray)) else bytes(view[:MAX_HEADER_BYTES]))
+    if isinstance(buffer, (bytes, bytearray)):
+        header = parse_header(buffer)
+    else:  # copy only the header: a Pilatus header fits in a few KiB, the 64 KiB limit is for odd files
+        head = bytes(view[:_HEADER_GUESS])
+        if head.find(BINARY_MARKER) < 0 and len(view) > _HEADER_GUESS:
+            head = bytes(view[:MAX_HEADER_BYTES])
+        header = parse_header(head)
     if len(view) < header.required_size:
         raise IncompleteCbfError(
             f"binary section has {max(0, len(view) - header.binary_offset)} of {header.binary_size} bytes"

@@ -114,9 +114,9 @@ class Reducer:
 
     def __init__(self, config: ReductionConfig, landing: str | Path, output: str | Path,
                  scan: ScanModel | None = None, pattern: str = DEFAULT_PATTERN, live: bool = True,
-                 missing_timeout: float = 5.0, poll_interval: float = 0.02, readers: int = 2,
+                 missing_timeout: float = 5.0, poll_interval: float = 0.02, readers: int | None = None,
                  setup: IntegrationSetup | None = None, engine=None, resume: bool = False,
-                 overwrite: bool = False,
+                 overwrite: bool = False, live_tomogram: dict | None = None,
                  on_result: Callable[[int, FrameResult], None] | None = None,
                  on_event: Callable[[str, str], None] | None = None):
         self.config = config
@@ -127,7 +127,7 @@ class Reducer:
         self.live = live
         self.missing_timeout = missing_timeout
         self.poll_interval = poll_interval
-        self.readers = max(1, readers)
+        self.readers = readers  # None: chosen for the engine when the scan starts (see _reader_count)
         self.setup = setup
         self.on_result = on_result
         self.on_event_cb = on_event
@@ -143,6 +143,8 @@ class Reducer:
         self.engine = engine
         self.resume = resume
         self.overwrite = overwrite
+        self.live_tomogram = live_tomogram  # LiveTomography options (channels, interval, device...); None: off
+        self.live_tomo = None  # the LiveTomography of the scan running (or last run)
         self.last_result: tuple[int, FrameResult] | None = None
         self.error: BaseException | None = None
         self.t_start = 0.0
@@ -263,14 +265,29 @@ class Reducer:
         return (f"{m.frames_processed} reduced, {m.frames_missing} missing, {m.frames_failed} failed "
                 f"in {time.time() - self.t_start:.1f} s")
 
+    def _reader_count(self) -> int:
+        """Reader threads: given, or 8 for a GPU engine (page-cache reads scale to ~8 threads), 2 for the CPU."""
+        if self.readers:
+            return max(1, int(self.readers))
+        from .engines import cpu_count
+
+        return min(8, max(2, cpu_count())) if getattr(self.engine, "run_size", 1) > 1 else 2
+
     def _pipeline(self, scan: ScanModel | None) -> None:
         setup = self.setup
         engine = self.engine
-        depth = max(4, 2 * engine.batch_size)
-        refs = BoundedQueue(depth * 2)
-        # enough decoded-ready frames to keep every engine call fed, no more (they hold staging memory)
-        frames = BoundedQueue(max(8, engine.batch_size * (engine.concurrency + 1)))
-        results = BoundedQueue(depth * 4)
+        self.readers = self._reader_count()
+        # Work moves in runs of frames, not single frames: every hand-off between threads costs a trip
+        # through the GIL, and at thousands of frames a second those trips, not the work, set the pace.
+        run_size = max(1, int(getattr(engine, "run_size", 1)))
+        refs = BoundedQueue(2 * self.readers + 2)
+        # enough decoded-ready runs to keep every engine call fed, no more (they hold staging memory)
+        frames = BoundedQueue(max(2, engine.concurrency + 1) if run_size > 1 else
+                              max(8, engine.batch_size * (engine.concurrency + 1)))
+        results = BoundedQueue(4 * engine.concurrency + 4)
+        reserve = getattr(engine, "reserve", None)
+        if reserve is not None:  # staging room for every run that can be in flight at once
+            reserve(self.readers + max(2, engine.concurrency + 1) + 2 * engine.concurrency + 1)
         source = self._source = LandingSource(
             self.landing, pattern=self.pattern, frames=scan.frames() if scan else None,
             first_frame=scan.first_frame if scan else None, live=self.live, poll_interval=self.poll_interval,
@@ -288,8 +305,11 @@ class Reducer:
         elif self.output.exists() and not self.overwrite:
             raise FileExistsError(f"{self.output} exists: results are not overwritten unless asked; "
                                   "give another name, resume it or overwrite it")
+        live = self.live_tomo = self._make_live(scan)
         writer = NexusWriter(self.output, setup.radial, setup.unit, scan, self.config.to_json(),
-                             self.config.poni_text, engine.description)
+                             self.config.poni_text, engine.description, live=live)
+        if live is not None:  # views, no copies: the writer stores a pattern before flagging it measured
+            live.start(lambda: (writer.sinogram, writer.measured))
         if carried is not None:
             for row, frame, result, src, landed in carried.results():
                 writer.add(row, frame, result, STATUS_OK, src, landed)
@@ -301,20 +321,31 @@ class Reducer:
             self._event("resume", f"{len(carried.frames)} frames carried over from {carried.previous.name}; "
                                   "the others are reduced now")
         self._set_state("running", f"reducing into {self.output.name}")
+        pending_run: list[FrameRef] = []
 
-        def put_ref(ref: FrameRef) -> None:
+        def hand_on() -> None:
+            """Pass the refs gathered so far to the readers (a full run, or whatever there is when idle)."""
+            if not pending_run:
+                return
+            run = pending_run[:]
+            pending_run.clear()
             with self._lock:
-                self.metrics.frames_landed += 1
+                self.metrics.frames_landed += len(run)
             while not self._stop.is_set():
                 try:
-                    refs.put(ref, timeout=0.1)
+                    refs.put(run, timeout=0.1)
                     return
                 except queue.Full:
                     continue
 
+        def put_ref(ref: FrameRef) -> None:
+            pending_run.append(ref)
+            if len(pending_run) >= run_size:
+                hand_on()
+
         def source_loop() -> None:
             try:
-                source.run(put_ref, self._stop, self._drain)
+                source.run(put_ref, self._stop, self._drain, idle=hand_on)
             except BaseException as exc:
                 self._event("error", f"source failed: {exc}")
                 self.error = exc
@@ -322,42 +353,69 @@ class Reducer:
                 for _ in range(self.readers):
                     refs.put(_END)
 
+        def read_run(run: list[FrameRef]) -> list[tuple]:
+            """(ref, frame or None, error text or None) for each ref; never raises."""
+            todo = [k for k, ref in enumerate(run) if ref.path is not None and ref.error is None]
+            loaded: list = [None] * len(run)
+            load_run = getattr(self.engine, "load_run", None)
+            try:
+                if load_run is not None and todo:
+                    for k, item in zip(todo, load_run([run[k].path for k in todo], self.config.check_md5)):
+                        loaded[k] = item
+                else:
+                    for k in todo:
+                        try:
+                            loaded[k] = read_frame(run[k].path, self.config.check_md5)
+                        except (CbfError, OSError) as exc:
+                            loaded[k] = exc
+            except Exception as exc:  # a reader bug must cost the frames a clear error, never the thread
+                logger.exception("reading a run of %d frames failed", len(run))
+                loaded = [exc if k in todo and loaded[k] is None else loaded[k] for k in range(len(run))]
+            out = []
+            for ref, item in zip(run, loaded):
+                if item is None:
+                    out.append((ref, None, ref.error))
+                elif isinstance(item, BaseException):
+                    out.append((ref, None, f"{type(item).__name__}: {item}"))
+                else:
+                    out.append((ref, item, None))
+            return out
+
         def reader_loop() -> None:
             while True:
-                ref = refs.get()
-                if ref is _END:
+                run = refs.get()
+                if run is _END:
                     return
-                item = (ref, None, ref.error)
                 t0 = time.perf_counter()
-                if ref.path is not None and ref.error is None:
-                    load = getattr(self.engine, "load", None)
-                    try:
-                        if load is not None:
-                            item = (ref, load(ref.path, self.config.check_md5), None)
-                        else:
-                            item = (ref, read_frame(ref.path, self.config.check_md5), None)
-                    except (CbfError, OSError) as exc:
-                        item = (ref, None, f"{type(exc).__name__}: {exc}")
+                items = read_run(run)
                 self._busy("read", time.perf_counter() - t0)
-                frames.put(item)
+                frames.put(items)
 
         def engine_loop() -> None:
             while True:
-                item = frames.get()
-                if item is _END:
+                items = frames.get()
+                if items is _END:
                     return
-                batch = [item]
+                batch = list(items)
                 while len(batch) < engine.batch_size:
                     try:
-                        item = frames.get(timeout=0.002)
+                        items = frames.get(timeout=0.002)
                     except queue.Empty:
                         break
-                    if item is _END:
+                    if items is _END:
                         frames.put(_END)  # leave it for the loop that ends next
                         break
-                    batch.append(item)
-                for out in self._integrate(batch):
-                    results.put(out)
+                    batch.extend(items)
+                try:
+                    out = self._integrate(batch)
+                except Exception as exc:  # an engine bug fails these frames loudly; the scan goes on
+                    logger.exception("integrating a batch of %d frames failed", len(batch))
+                    out = [(ref, None, f"{type(exc).__name__}: {exc}") for ref, _, _ in batch]
+                    for _, frame, _ in batch:
+                        if frame is not None and frame.release is not None:
+                            frame.release()
+                            frame.release = None
+                results.put(out)
 
         readers = [threading.Thread(target=reader_loop, name=f"xrdct-reader-{i}", daemon=True)
                    for i in range(self.readers)]
@@ -381,17 +439,39 @@ class Reducer:
         self._threads = threads
         try:
             self._assemble(results, writer, refs, frames)
+            if live is not None:  # a last tomogram from every rotation measured, into the file
+                live.stop(timeout=10)
+                if not self._stop.is_set():
+                    live.update_now()
+                writer.flush()
         except OutputError:
             with self._lock:  # what the file holds, not what was computed
                 self.metrics.frames_processed = min(self.metrics.frames_processed, writer.committed)
             raise
         finally:
             self._stop.set()
+            if live is not None:
+                live.stop(timeout=5)
             writer.close()
             for t in threads:
                 t.join(timeout=5)
         if self.error is not None:
             raise self.error
+
+    def _make_live(self, scan: ScanModel):
+        """The live tomography of this scan, or None (not asked for, or no tomography possible)."""
+        if not self.live_tomogram:
+            return None
+        if scan.rotations < 2 or scan.translations < 2:
+            self._event("tomogram", f"no live tomogram: the scan has {scan.rotations} rotations x "
+                                    f"{scan.translations} translations")
+            return None
+        from .live_tomo import LiveTomography
+        from .nexus import radial_name
+
+        rname, runits = radial_name(self.setup.unit)
+        return LiveTomography(self.setup.radial, scan.rotations, scan.translations, radial_name=rname,
+                              radial_units=runits, on_event=self._event, **self.live_tomogram)
 
     def _integrate(self, batch):
         """Run the engine on the decodable frames of a batch; fall back to the CPU on engine failure."""
@@ -430,49 +510,61 @@ class Reducer:
         source._seen.clear()
         return ScanModel(1, last - first + 1, first_frame=first)
 
-    def _assemble(self, results: queue.Queue, writer: NexusWriter, refs, frames) -> None:
+    def _assemble(self, results: BoundedQueue, writer: NexusWriter, refs, frames) -> None:
+        """Restore frame order, write, and count; results come in lists (one per engine batch)."""
         pending: dict[int, tuple] = {}
         next_seq = 0
         index_of = {f: i for i, f in enumerate(self.scan.frames())}
         while True:
-            item = results.get()
-            if item is _END:
+            items = results.get()
+            if items is _END:
                 break
-            ref, res, err = item
-            pending[ref.seq] = (ref, res, err)
+            for item in items:
+                pending[item[0].seq] = item
+            done: list[tuple] = []
             while next_seq in pending:
-                ref, res, err = pending.pop(next_seq)
+                done.append(pending.pop(next_seq))
                 next_seq += 1
-                now = time.time()
-                if res is not None:
-                    status = STATUS_OK
-                elif ref.missing:
-                    status = STATUS_MISSING
-                else:
-                    status = STATUS_FAILED
-                    self._event("failed", f"frame {ref.frame}: {err}")
-                row = index_of.get(ref.frame, ref.seq)
-                t0 = time.perf_counter()
-                writer.add(row, ref.frame, res, status, str(ref.path or ""), ref.landed)
-                self._busy("write", time.perf_counter() - t0)
-                with self._lock:
-                    m = self.metrics
-                    if status == STATUS_OK:
-                        m.frames_processed += 1
-                        self._latencies.append(now - ref.landed)
-                    elif status == STATUS_MISSING:
-                        m.frames_missing += 1
-                    else:
-                        m.frames_failed += 1
-                    m.last_frame = ref.frame
-                    done = m.frames_processed + m.frames_missing + m.frames_failed
-                    m.backlog = max(0, m.frames_landed - done)
-                if status == STATUS_OK:
-                    self._rate.add(now)
-                    self.last_result = (ref.frame, res)
-                    if self.on_result:
-                        try:
-                            self.on_result(ref.frame, res)
-                        except Exception:
-                            logger.exception("result callback failed")
+            if done:
+                self._write_in_order(done, writer, index_of)
         writer.flush()
+
+    def _write_in_order(self, done: list[tuple], writer: NexusWriter, index_of: dict[int, int]) -> None:
+        now = time.time()
+        counts = {STATUS_OK: 0, STATUS_MISSING: 0, STATUS_FAILED: 0}
+        latencies = []
+        t0 = time.perf_counter()
+        for ref, res, err in done:
+            if res is not None:
+                status = STATUS_OK
+                latencies.append(now - ref.landed)
+            elif ref.missing:
+                status = STATUS_MISSING
+            else:
+                status = STATUS_FAILED
+                self._event("failed", f"frame {ref.frame}: {err}")
+            counts[status] += 1
+            writer.add(index_of.get(ref.frame, ref.seq), ref.frame, res, status, str(ref.path or ""), ref.landed)
+        self._busy("write", time.perf_counter() - t0)
+        with self._lock:
+            m = self.metrics
+            m.frames_processed += counts[STATUS_OK]
+            m.frames_missing += counts[STATUS_MISSING]
+            m.frames_failed += counts[STATUS_FAILED]
+            m.last_frame = done[-1][0].frame
+            m.backlog = max(0, m.frames_landed - m.frames_processed - m.frames_missing - m.frames_failed)
+            self._latencies.extend(latencies)
+        if counts[STATUS_OK]:
+            self._rate.add(now, counts[STATUS_OK])
+            for ref, res, _ in reversed(done):
+                if res is not None:
+                    self.last_result = (ref.frame, res)
+                    break
+            if self.on_result:
+                for ref, res, _ in done:
+                    if res is None:
+                        continue
+                    try:
+                        self.on_result(ref.frame, res)
+                    except Exception:
+                        logger.exception("result callback failed")

@@ -258,12 +258,23 @@ class LandingSource:
         times = [s.found for n, s in self._seen.items() if n > number]
         return min(times) if times else None
 
-    def run(self, put: Callable[[FrameRef], None], stop: threading.Event, drain: threading.Event | None = None) -> None:
+    def run(self, put: Callable[[FrameRef], None], stop: threading.Event, drain: threading.Event | None = None,
+            idle: Callable[[], None] | None = None) -> None:
         """Emit frames through ``put`` until the scan is done or ``stop`` is set.
 
         ``drain`` (set by a Stop): hand on what has landed, declare the gaps
         before the last landed frame missing, and finish without waiting.
+        ``idle`` is called whenever nothing more can be handed on for now (before
+        each wait, and at the end), so that a caller grouping frames into runs
+        never holds one back.
         """
+        try:
+            self._run(put, stop, drain, idle or (lambda: None))
+        finally:
+            if idle is not None:
+                idle()
+
+    def _run(self, put, stop, drain, idle) -> None:
         self._cursor = 0
         self._next = None
         drain = drain or threading.Event()
@@ -310,4 +321,5 @@ class LandingSource:
                                True)
             # landed and complete but not handed on yet (waiting for an earlier frame): part of the backlog
             self.waiting = sum(1 for s in self._seen.values() if s.complete)
+            idle()
             stop.wait(self.poll_interval)

@@ -13,7 +13,6 @@ the CPU.
 
 from __future__ import annotations
 
-import functools
 import logging
 import queue
 import threading
@@ -25,7 +24,7 @@ import numpy as np
 
 from ..cbf import CbfFrame, CorruptCbfError
 from ..engines import EngineFailure
-from ..fastio import read_into
+from ..fastio import read_packed
 from ..geometry import IntegrationSetup
 from ..results import FrameResult
 
@@ -47,21 +46,23 @@ ALIGN = 256
 
 
 class PinnedArena:
-    """Page-locked host memory cut into equal slots, each holding one whole CBF file.
+    """Page-locked host memory cut into equal regions, each holding a run of whole CBF files back to back.
 
-    Readers read files straight into a slot (one copy, from the page cache),
-    and the device copies the stream from there at full PCIe speed: no
-    second host copy and no pageable-memory staging by the driver.
+    A reader fills one region with a run of files (one compiled call, one release of the GIL for the run),
+    and the device copies the run from there in one transfer at full PCIe speed: no second host copy and
+    no pageable-memory staging by the driver.  A region goes back to the free list once every frame read
+    into it has been released.
     """
 
-    def __init__(self, ctx, device, slots: int, slot_bytes: int):
-        self.slot_bytes = slot_bytes
-        self.buffer = cl.Buffer(ctx, cl.mem_flags.READ_WRITE | cl.mem_flags.ALLOC_HOST_PTR, slots * slot_bytes)
+    def __init__(self, ctx, device, regions: int, region_bytes: int):
+        self.region_bytes = region_bytes
+        self.regions = regions
+        self.buffer = cl.Buffer(ctx, cl.mem_flags.READ_WRITE | cl.mem_flags.ALLOC_HOST_PTR, regions * region_bytes)
         self._queue = cl.CommandQueue(ctx, device)
         self.host, _ = cl.enqueue_map_buffer(self._queue, self.buffer, cl.map_flags.READ | cl.map_flags.WRITE,
-                                             0, (slots * slot_bytes,), np.uint8)
+                                             0, (regions * region_bytes,), np.uint8)
         self._free: queue.SimpleQueue = queue.SimpleQueue()
-        for i in range(slots):
+        for i in range(regions):
             self._free.put(i)
 
     def take(self, timeout: float = 0.05) -> int | None:
@@ -73,9 +74,24 @@ class PinnedArena:
     def give(self, index: int) -> None:
         self._free.put(index)
 
-    def view(self, index: int, size: int) -> np.ndarray:
-        start = index * self.slot_bytes
-        return self.host[start:start + size]
+    def view(self, index: int) -> np.ndarray:
+        start = index * self.region_bytes
+        return self.host[start:start + self.region_bytes]
+
+
+class _RegionUse:
+    """Counts the frames still using an arena region; the last release frees it."""
+
+    def __init__(self, arena: PinnedArena, index: int, users: int):
+        self.arena, self.index, self.users = arena, index, users
+        self._lock = threading.Lock()
+
+    def release(self) -> None:
+        with self._lock:
+            self.users -= 1
+            last = self.users == 0
+        if last:
+            self.arena.give(self.index)
 
 
 class _Slot:
@@ -156,16 +172,29 @@ class OpenCLEngine:
             for i in range(self.concurrency):
                 self._slots.put(_Slot(self, i))
             n_pixels = setup.n_pixels
-            # a byte-offset stream holds at most 7 bytes a pixel in practice; typical Pilatus frames ~1
-            self.arena = PinnedArena(self.ctx, self.device,
-                                     staging_frames or self.batch_size * (2 * self.concurrency + 2) + 64,
-                                     staging_bytes or (n_pixels + n_pixels // 2 + 65536 + 4095) // 4096 * 4096)
-            # device copy of the arena: a pinned frame keeps its offset, so adjacent frames move in one copy
-            self.raw_mirror = cl.Buffer(self.ctx, cl.mem_flags.READ_ONLY, self.arena.host.nbytes)
+            # a byte-offset stream holds 1 byte a pixel for most Pilatus frames; room for 1.5 (a file that
+            # does not fit is read into ordinary memory, which only costs speed)
+            self.frame_bytes = staging_bytes or (n_pixels + n_pixels // 2 + 65536 + 4095) // 4096 * 4096
+            self.arena = None
+            self.reserve(staging_frames or 2 * self.concurrency + 2)
         except cl.Error as exc:
             raise EngineFailure(f"OpenCL set-up failed on {self.device.name}: {exc}") from exc
         self._pack_pool = ThreadPoolExecutor(pack_threads, thread_name_prefix="xrdct-pack") if pack_threads else None
         self._lock = threading.Lock()
+
+    @property
+    def run_size(self) -> int:
+        """Frames a reader should read in one go: a batch, so that a batch is one region and one copy."""
+        return self.batch_size
+
+    def reserve(self, runs: int) -> None:
+        """Have page-locked room for ``runs`` runs in flight (readers + queue + batches); call between scans."""
+        runs = max(int(runs), self.concurrency + 1)
+        if self.arena is not None and self.arena.regions >= runs:
+            return
+        self.arena = PinnedArena(self.ctx, self.device, runs, self.batch_size * self.frame_bytes)
+        # device copy of the arena: a pinned frame keeps its offset, so a run moves in one copy
+        self.raw_mirror = cl.Buffer(self.ctx, cl.mem_flags.READ_ONLY, self.arena.host.nbytes)
 
     def close(self) -> None:
         """Stop the packing threads (device buffers go with the object)."""
@@ -203,28 +232,54 @@ class OpenCLEngine:
 
     # -- public ---------------------------------------------------------------
     def load(self, path, check_md5: bool = False) -> CbfFrame:
-        """Read a CBF file into page-locked memory (ordinary memory when none is free or it is too big)."""
-        from ..cbf import parse_frame, read_frame
+        """Read one CBF file into page-locked memory (see :meth:`load_run`); raises its error."""
+        result = self.load_run([path], check_md5)[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
-        index = self.arena.take(timeout=1.0)  # back-pressure: wait for a batch to free its slots
-        if index is None:
-            return read_frame(path, check_md5)
-        try:
-            view = self.arena.view(index, self.arena.slot_bytes)
-            got = read_into(path, view)
-            if got < 0:  # larger than a slot: ordinary memory
+    def load_run(self, paths: list, check_md5: bool = False) -> list[CbfFrame | Exception]:
+        """Read a run of CBF files back to back into one page-locked region.
+
+        One compiled call reads them all with the GIL released; then the headers are parsed.  A file
+        that is unreadable, malformed, or does not fit comes back as its exception (read once more
+        through ordinary I/O, so that the error names the cause); the others are parsed frames whose
+        ``release`` frees the region once all of them are done.
+        """
+        from ..cbf import CbfError, parse_frame, read_frame
+
+        out: list = [None] * len(paths)
+        index = self.arena.take(timeout=1.0)  # back-pressure: wait for a batch to free its region
+        pinned: list[int] = []
+        if index is not None:
+            region = self.arena.view(index)
+            offsets, got, _ = read_packed(paths, region)
+            base = index * self.arena.region_bytes
+            for k in range(len(paths)):
+                if got[k] < 0:
+                    continue
+                try:
+                    frame = parse_frame(memoryview(region[offsets[k]:offsets[k] + got[k]]), check_md5)
+                except CbfError as exc:
+                    out[k] = exc
+                    continue
+                frame.pinned = True
+                frame.arena_offset = base + int(offsets[k]) + frame.header.binary_offset
+                out[k] = frame
+                pinned.append(k)
+            if pinned:
+                use = _RegionUse(self.arena, index, len(pinned))
+                for k in pinned:
+                    out[k].release = use.release
+            else:
                 self.arena.give(index)
-                index = None
-                return read_frame(path, check_md5)
-            frame = parse_frame(memoryview(view[:got]), check_md5)
-        except BaseException:
-            if index is not None:
-                self.arena.give(index)
-            raise
-        frame.release = functools.partial(self.arena.give, index)
-        frame.pinned = True
-        frame.arena_offset = index * self.arena.slot_bytes + frame.header.binary_offset
-        return frame
+        for k, path in enumerate(paths):
+            if out[k] is None:  # not read above: ordinary memory (and the proper error if any)
+                try:
+                    out[k] = read_frame(path, check_md5)
+                except (CbfError, OSError) as exc:
+                    out[k] = exc
+        return out
 
     def integrate_batch(self, frames: list[CbfFrame]) -> list[FrameResult | Exception]:
         out: list[FrameResult | Exception] = []
@@ -284,7 +339,7 @@ class OpenCLEngine:
             run_start = run_end = None
             for k in order:  # one copy per run of adjacent arena slots
                 start, end = int(offsets[k]), int(offsets[k] + sizes[k])
-                if run_end is not None and start - run_end < self.arena.slot_bytes:
+                if run_end is not None and start - run_end < self.frame_bytes:
                     run_end = end
                     continue
                 if run_end is not None:
