@@ -66,6 +66,22 @@ def _progress(reducer, stream=None, stop: threading.Event | None = None) -> None
         stream.write("\n")
 
 
+def _live_tomogram_options(args) -> dict | None:
+    """LiveTomography options from ``--live-tomogram N`` (strongest peaks) or ``A:B`` bin ranges."""
+    spec = getattr(args, "live_tomogram", None)
+    if not spec:
+        return None
+    opts: dict = {"interval": args.live_interval, "device": args.tomo_device}
+    if all(part.isdigit() for part in spec):
+        opts["channels"] = int(spec[0]) if len(spec) == 1 else [(int(spec[0]), int(spec[1]))]
+    else:
+        try:
+            opts["channels"] = [tuple(int(v) for v in part.split(":")) for part in spec]
+        except ValueError:
+            raise SystemExit(f"--live-tomogram: give a channel count or bin ranges START:STOP, not {spec}") from None
+    return opts
+
+
 def cmd_reduce(args) -> int:
     from .runner import Reducer
     from .scan import ScanModel
@@ -76,7 +92,7 @@ def cmd_reduce(args) -> int:
     scan = ScanModel.parse(args.scan, order=args.order, first_frame=args.first_frame) if args.scan else None
     reducer = Reducer(config, source, args.output, scan=scan, pattern=args.pattern or DEFAULT_PATTERN,
                       live=args.live, missing_timeout=args.timeout, readers=args.readers, resume=args.resume,
-                      overwrite=args.overwrite)
+                      overwrite=args.overwrite, live_tomogram=_live_tomogram_options(args))
     reducer.start()
     try:
         _progress(reducer)
@@ -209,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", help=r"filename regex with a (?P<frame>\d+) group (default '(?P<frame>\d+)\.cbf$')")
     p.add_argument("--live", action="store_true", help="keep watching the directory until the scan is complete")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds before a frame is declared missing")
-    p.add_argument("--readers", type=int, default=2, help="file reader threads")
+    p.add_argument("--readers", type=int, default=None,
+                   help="file reader threads (default: 8 with a GPU engine, 2 with the CPU engine)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted OUT.h5: its reduced frames are kept (the old file is moved "
@@ -218,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tomogram", choices=["peaks", "all"],
                    help="at the end, add tomograms to OUT.h5: of the strongest peaks (one per phase where the "
                         "phases differ in space), or of every bin")
+    p.add_argument("--live-tomogram", nargs="+", metavar="N|START:STOP",
+                   help="keep tomograms in OUT.h5:/entry/tomogram_live up to date while the scan runs: of the N "
+                        "strongest peaks, or of the bin ranges given")
+    p.add_argument("--live-interval", type=float, default=2.0, help="seconds between live tomogram updates")
+    p.add_argument("--tomo-device", default=None,
+                   help="back-projector for live tomograms: cpu, opencl or a device name (default: a GPU if any)")
     p.set_defaults(func=cmd_reduce)
 
     p = sub.add_parser("simulate", help="write a synthetic XRD-CT scan as Pilatus3 2M CdTe CBF files")

@@ -65,7 +65,8 @@ class NexusWriter:
 
     def __init__(self, path: str | Path, radial: np.ndarray, unit: str, scan: ScanModel,
                  config_json: str, poni_text: str, engine: str, flush_interval: float = 0.5,
-                 extra_info: dict | None = None):
+                 extra_info: dict | None = None, live=None):
+        """``live``: a :class:`~pipeline.live_tomo.LiveTomography` whose tomograms the file keeps up to date."""
         self.path = Path(path)
         self.scan = scan
         self.nbins = int(radial.shape[0])
@@ -78,6 +79,9 @@ class NexusWriter:
         self.committed = 0  # frames whose data and status are on disk
         self._committed_before_block = 0
         self.failed: OutputError | None = None
+        self.live = live
+        self._live_handle = None
+        self._live_version = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = h5py.File(self.path, "w", libver="latest")
         self._create(radial, unit, config_json, poni_text, engine, extra_info or {})
@@ -154,6 +158,11 @@ class NexusWriter:
             versions.create_dataset(key, data=str(value))
         for key, value in extra_info.items():
             proc.create_dataset(key, data=str(value))
+        if self.live is not None:  # an SWMR file cannot create datasets later: make them now
+            from .live_tomo import create_live_datasets
+
+            self._live_handle = create_live_datasets(entry, self.live.n_channels, self.live.size, rname, runits,
+                                                     angles=self.live.angles)
 
     # -- writing ------------------------------------------------------------
     BLOCK = 1024  # rows buffered in memory between writes
@@ -249,6 +258,11 @@ class NexusWriter:
                 self.sino_ds[rot, lo:hi + 1] = self.sinogram[rot, lo:hi + 1]
                 self.measured_ds[rot, lo:hi + 1] = self.measured[rot, lo:hi + 1]
             self._dirty_rot.clear()
+        if self._live_handle is not None and self.live.version != self._live_version:
+            from .live_tomo import write_live
+
+            self._live_version = self.live.version
+            write_live(self._live_handle, self.live.latest)
         self.file.flush()
         if getattr(self, "_fill", 0):
             self.committed = max(self.committed, int((self._status[: self._fill] != STATUS_PENDING).sum())
