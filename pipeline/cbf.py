@@ -241,9 +241,14 @@ def parse_frame(buffer: bytes | bytearray | memoryview, check_md5: bool = False)
 
 def read_frame(path: str | os.PathLike, check_md5: bool = False) -> CbfFrame:
     """Read and split a CBF file (one read, no decoding)."""
-    with open(path, "rb") as handle:
+    with open(path, "rb", opener=_open_no_follow) as handle:
         data = handle.read()
     return parse_frame(data, check_md5=check_md5)
+
+
+def _open_no_follow(path, flags: int) -> int:
+    """Frames are read from regular files only: a symbolic link put in their place fails (ELOOP)."""
+    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0))
 
 
 def is_complete(path: str | os.PathLike) -> bool:

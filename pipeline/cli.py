@@ -243,6 +243,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="back-projector for live tomograms: cpu, opencl or a device name (default: a GPU if any)")
     p.set_defaults(func=cmd_reduce)
 
+    p = sub.add_parser("soak", help="simulated detector at a fixed rate for minutes: check every frame, memory, "
+                                     "latency")
+    p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--rate", type=float, default=250.0, help="frames per second")
+    p.add_argument("--detector", default="pilatus300k", choices=["pilatus300k", "pilatus2m"])
+    p.add_argument("--engine", default="auto", choices=["auto", "cpu", "opencl"])
+    p.add_argument("--bins", type=int, default=1000)
+    p.add_argument("--readers", type=int, default=None)
+    p.add_argument("--workdir", help="where the landing directory and NeXus file go (default: a temporary one)")
+    p.add_argument("--keep", action="store_true", help="keep the frames (default: deleted once reduced)")
+    p.add_argument("--json", help="write the report (with per-second samples) here")
+    p.set_defaults(func=lambda args: __import__("pipeline.soak", fromlist=["main"]).main(args))
+
     p = sub.add_parser("simulate", help="write a synthetic XRD-CT scan as Pilatus3 2M CdTe CBF files")
     p.add_argument("outdir")
     p.add_argument("--rotations", type=int, default=8)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,8 @@ SPLITS = ("no", "bbox", "full")
 ENGINES = ("auto", "cpu", "opencl")
 ERROR_MODELS = ("poisson", "none")
 MAX_BINS = 100_000
+MAX_SCAN_SIDE = 16_384  # rotations or translations: the largest sinogram image a Tango client can read
+MAX_SCAN_FRAMES = 10_000_000  # frames of one scan: bounds the memory of the frame bookkeeping
 
 _PONI_FLOAT_KEYS = ("distance", "poni1", "poni2", "rot1", "rot2", "rot3", "wavelength",
                     "pixelsize1", "pixelsize2")
@@ -57,11 +60,7 @@ def parse_poni(text: str) -> dict[str, str]:
             if not math.isfinite(number):
                 raise ConfigError(f"PONI {key} is not finite")
         elif key in _PONI_TEXT_KEYS:
-            if key == "detector_config":
-                try:
-                    json.loads(value)
-                except ValueError as exc:
-                    raise ConfigError("PONI detector_config is not valid JSON") from exc
+            _check_poni_text(key, value)
         else:
             raise ConfigError(f"unknown PONI key {key!r} on line {lineno}")
         values[key] = value
@@ -72,9 +71,82 @@ def parse_poni(text: str) -> dict[str, str]:
         raise ConfigError("PONI names neither a detector nor pixel sizes")
     if float(values["distance"]) <= 0:
         raise ConfigError("PONI distance must be positive")
+    for key in ("pixelsize1", "pixelsize2"):
+        if key in values and float(values[key]) <= 0:
+            raise ConfigError(f"PONI {key} must be positive")
     if "wavelength" not in values or float(values["wavelength"]) <= 0:
         raise ConfigError("PONI needs a positive wavelength to integrate in q or 2theta")
     return values
+
+
+def _no_file(key: str, value) -> None:
+    """PONI text comes from clients: a setting that names a file on the server is refused."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+        return
+    raise ConfigError(f"PONI {key} names a file ({str(value)[:60]!r}); file references are not accepted in "
+                      "geometry text (the server would read them): use a named detector without spline or "
+                      "offset files")
+
+
+def _check_poni_text(key: str, value: str) -> None:
+    """The text-valued PONI keys, strictly: known detector names only, no file references, integer enums."""
+    if key == "detector":
+        known_detector(value)
+    elif key == "detector_config":
+        try:
+            config = json.loads(value)
+        except ValueError as exc:
+            raise ConfigError("PONI detector_config is not valid JSON") from exc
+        if not isinstance(config, dict):
+            raise ConfigError("PONI detector_config must be a JSON object")
+        for name, item in config.items():
+            if "file" in str(name).lower():
+                _no_file(f"detector_config {name}", item)
+            elif str(name).lower() == "orientation":
+                _check_orientation(item)
+    elif key == "splinefile":
+        _no_file(key, value)
+    elif key == "orientation":
+        _check_orientation(value)
+    elif key == "poni_version":
+        try:
+            version = float(value)
+        except ValueError as exc:
+            raise ConfigError(f"PONI poni_version is not a number: {value!r}") from exc
+        if not 1 <= version <= 10:
+            raise ConfigError(f"PONI poni_version {value!r} is not a PONI version")
+    elif key == "parallax":
+        if value.strip().lower() not in ("true", "false", "none", ""):
+            raise ConfigError(f"PONI parallax must be true or false, got {value[:20]!r}")
+
+
+def _check_orientation(value) -> None:
+    try:
+        number = int(str(value).strip())
+    except ValueError as exc:
+        raise ConfigError(f"PONI orientation must be an integer 0..8, got {str(value)[:20]!r}") from exc
+    if not 0 <= number <= 8:
+        raise ConfigError(f"PONI orientation must be an integer 0..8, got {number}")
+
+
+def known_detector(name: str) -> None:
+    """A pyFAI detector name or class name; never a path (pyFAI would open a file of that name)."""
+    text = name.strip()
+    if not text or "/" in text or "\\" in text or text.startswith(".") or len(text) > 100:
+        raise ConfigError(f"PONI detector {name[:60]!r} is not a detector name (paths to detector files "
+                          "are not accepted)")
+    if os.path.lexists(text):  # pyFAI.detector_factory would open it as a NeXus detector file
+        raise ConfigError(f"PONI detector {text!r} is also a file name in the server's working directory: refused")
+    import pyFAI.detectors
+
+    registry = pyFAI.detectors.Detector.registry
+    candidates = (text.lower(), text.lower().replace(" ", "_"))
+    if any(c in registry for c in candidates):
+        return
+    cls = getattr(pyFAI.detectors, text, None)
+    if isinstance(cls, type) and issubclass(cls, pyFAI.detectors.Detector) and cls.__name__ != "NexusDetector":
+        return
+    raise ConfigError(f"PONI detector {text[:60]!r} is not a detector pyFAI knows")
 
 
 @dataclass
@@ -123,7 +195,7 @@ class ReductionConfig:
             lo, hi = self.radial_range
             if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
                 raise ConfigError(f"radial range must be two finite increasing numbers, got {self.radial_range}")
-        if self.mask_path is not None and not Path(self.mask_path).is_file():
+        if self.mask_path is not None and not Path(str(self.mask_path).split("::", 1)[0]).is_file():  # file.h5::/path
             raise ConfigError(f"mask file {self.mask_path} does not exist")
         if not 0 <= int(self.workers) <= 256:
             raise ConfigError("workers must lie in 0..256")
@@ -136,6 +208,22 @@ class ReductionConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+
+
+_SCAN_SHAPE = re.compile(r"\s*([0-9]{1,9})\s*[xX]\s*([0-9]{1,9})\s*")
+
+
+def parse_scan_shape(text: str) -> tuple[int, int]:
+    """``NROTxNTRANS`` from a client, strictly: ASCII digits, each side 1..16384, at most 1e7 frames."""
+    match = _SCAN_SHAPE.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        raise ConfigError(f"scan shape must read NROTxNTRANS (e.g. 180x100), got {str(text)[:40]!r}")
+    rot, trans = int(match.group(1)), int(match.group(2))
+    if not (1 <= rot <= MAX_SCAN_SIDE and 1 <= trans <= MAX_SCAN_SIDE):
+        raise ConfigError(f"scan shape {rot}x{trans}: each side must lie in 1..{MAX_SCAN_SIDE}")
+    if rot * trans > MAX_SCAN_FRAMES:
+        raise ConfigError(f"scan shape {rot}x{trans}: more than {MAX_SCAN_FRAMES:,} frames")
+    return rot, trans
 
 
 SPLIT_ALIASES = {"none": "no", "pixel": "full"}

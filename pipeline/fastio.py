@@ -13,6 +13,8 @@ import os
 
 import numpy as np
 
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # a frame swapped for a link after listing fails (ELOOP)
+
 try:
     from numba import njit
 
@@ -29,7 +31,7 @@ try:
     @njit(nogil=True)
     def _read_whole(path, buf):
         """(bytes read, file size); bytes read is -1 when the file cannot be opened, -2 when it is too big."""
-        fd = _open(path.ctypes.data, 0)  # O_RDONLY
+        fd = _open(path.ctypes.data, _NOFOLLOW)  # O_RDONLY | O_NOFOLLOW: never through a link
         if fd < 0:
             return -1, -1
         size = _lseek(fd, 0, 2)  # SEEK_END
@@ -56,7 +58,7 @@ try:
         """
         pos = 0
         for k in range(starts.shape[0]):
-            fd = _open(names[starts[k]:].ctypes.data, 0)
+            fd = _open(names[starts[k]:].ctypes.data, _NOFOLLOW)
             offsets[k] = pos
             if fd < 0:
                 got[k], sizes[k] = -1, -1

@@ -11,6 +11,8 @@ computed once, so a frame costs one pass over its pixels.
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,12 +23,20 @@ from .config import ConfigError, ReductionConfig, parse_poni
 logger = logging.getLogger(__name__)
 
 
-def load_mask(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndarray:
-    """Read a mask (EDF, TIFF, CBF, NPY or HDF5 ``file.h5::/path``); non-zero = masked."""
-    text = str(path)
-    h5_path = None
-    if "::" in text:
-        text, h5_path = text.split("::", 1)
+def load_mask(path: str | Path, shape: tuple[int, int] | None = None,
+              allowed: Sequence[str | Path] | None = None) -> np.ndarray:
+    """Read a mask (EDF, TIFF, CBF, NPY or HDF5 ``file.h5::/path``); non-zero = masked.
+
+    ``allowed``: directories the file must lie in (symbolic links resolved, see :mod:`pipeline.paths`);
+    None reads any path (the caller checked it).  An HDF5 mask must be a plain dataset of that very
+    file: external links, external raw storage and virtual datasets (which would read other files)
+    are refused.
+    """
+    from .paths import resolve_mask, split_h5
+
+    if allowed is not None:
+        path = resolve_mask(allowed, str(path))
+    text, h5_path = split_h5(str(path))
     suffix = Path(text).suffix.lower()
     try:
         if suffix == ".npy":
@@ -36,11 +46,12 @@ def load_mask(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndar
 
             with h5py.File(text, "r") as handle:
                 if h5_path is None:
-                    names = [k for k, v in handle.items() if isinstance(v, h5py.Dataset) and v.ndim == 2]
+                    names = [k for k in handle if isinstance(handle.get(k, getlink=True), h5py.HardLink)
+                             and isinstance(handle[k], h5py.Dataset) and handle[k].ndim == 2]
                     if len(names) != 1:
                         raise ConfigError(f"{text}: name the mask dataset as file.h5::/path")
                     h5_path = names[0]
-                mask = handle[h5_path][()]
+                mask = _h5_mask(handle, text, h5_path)
         else:
             import fabio
 
@@ -55,6 +66,30 @@ def load_mask(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndar
     if shape is not None and mask.shape != tuple(shape):
         raise ConfigError(f"mask {path} has shape {mask.shape}, frames have {tuple(shape)}")
     return mask != 0
+
+
+def _h5_mask(handle, filename: str, inner: str) -> np.ndarray:
+    """The dataset ``inner`` of an open HDF5 file, refusing anything that reads another file."""
+    import h5py
+
+    parts = [p for p in inner.split("/") if p]
+    if not parts:
+        raise ConfigError(f"{filename}: empty dataset path {inner!r}")
+    node = handle
+    for part in parts:
+        link = node.get(part, getlink=True) if isinstance(node, h5py.Group) else None
+        if link is None:
+            raise ConfigError(f"{filename}: no dataset {inner}")
+        if isinstance(link, h5py.ExternalLink):
+            raise ConfigError(f"{filename}::{inner} is an external link to another file: refused")
+        node = node[part]
+    if not isinstance(node, h5py.Dataset):
+        raise ConfigError(f"{filename}::{inner} is not a dataset")
+    if os.path.realpath(node.file.filename) != os.path.realpath(filename):
+        raise ConfigError(f"{filename}::{inner} leads to another file: refused")
+    if node.is_virtual or node.external:
+        raise ConfigError(f"{filename}::{inner} stores its data in other files (virtual or external dataset): refused")
+    return node[()]
 
 
 def make_integrator(poni_text: str):

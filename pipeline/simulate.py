@@ -77,11 +77,11 @@ def radon(image: np.ndarray, angles_deg: np.ndarray) -> np.ndarray:
     return np.stack([rotate(image, -a, reshape=False, order=1).sum(axis=0) for a in angles_deg])
 
 
-def make_poni_text(shape: tuple[int, int] = (1679, 1475)) -> str:
+def make_poni_text(shape: tuple[int, int] = (1679, 1475), detector: str = DETECTOR) -> str:
     return (
         "# Nota: PONI file written by xrdct simulate\n"
         "poni_version: 2.1\n"
-        'Detector: Pilatus CdTe 2M\nDetector_config: {"orientation": 3}\n'
+        f'Detector: {detector}\nDetector_config: {{"orientation": 3}}\n'
         f"Distance: {DISTANCE_M}\nPoni1: {shape[0] / 2 * PIXEL_M + 3e-4:.6f}\n"
         f"Poni2: {shape[1] / 2 * PIXEL_M - 2e-4:.6f}\n"
         "Rot1: 0.0012\nRot2: -0.0008\nRot3: 0.0\n"

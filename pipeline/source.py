@@ -95,7 +95,9 @@ class LandingSource:
         self.skip = set(skip_frames)  # already reduced (resume after a restart)
         self._seen: dict[int, _Seen] = {}
         self._reported: set[str] = set()
-        self._emitted_paths: dict[str, tuple[float, int, int]] = {}  # path -> (hand-out time, size, mtime_ns)
+        # path -> (hand-out time, size, mtime_ns, frame), kept while the file is watched for being re-written
+        self._emitted_paths: dict[str, tuple[float, int, int, int]] = {}
+        self._settled: set[int] = set()  # frames handed on whose files are no longer watched
         self._done_frames: set[int] = set()
         self._dir_ok = True
         self.seq = 0
@@ -106,11 +108,20 @@ class LandingSource:
     # -- listing -------------------------------------------------------------
     def _list(self) -> list[Path]:
         if any(c in self.location for c in "*?["):
-            return [Path(p) for p in sorted(glob.glob(self.location)) if os.path.isfile(p)]
+            found = sorted(glob.glob(self.location))
+            for p in found:
+                if os.path.islink(p):
+                    self._report_link(os.path.basename(p))
+            return [Path(p) for p in found if not os.path.islink(p) and os.path.isfile(p)]
         try:
             with os.scandir(self.location) as entries:
-                names = sorted(e.path for e in entries if e.is_file(follow_symlinks=False))
-            paths = [Path(name) for name in names]
+                names = []
+                for e in entries:
+                    if e.is_symlink():
+                        self._report_link(e.name)
+                    elif e.is_file(follow_symlinks=False):
+                        names.append(e.path)
+            paths = [Path(name) for name in sorted(names)]
         except OSError as exc:
             if self._dir_ok:
                 self.on_event("landing", f"landing directory unavailable: {exc}")
@@ -121,12 +132,29 @@ class LandingSource:
         self._dir_ok = True
         return paths
 
+    def _report_link(self, name: str) -> None:
+        """Frames are read only from regular files: a symbolic link (which may point anywhere) is never opened."""
+        self._report("link:" + name, "ignored", f"{name}: a symbolic link, not a file written by the detector; "
+                     "ignored (frames are read only from regular files in the landing directory)")
+
     def _report(self, key: str, kind: str, text: str) -> None:
         if key not in self._reported:
             self._reported.add(key)
             self.on_event(kind, text)
 
+    def _forget_old(self, now: float) -> None:
+        """Drop hand-out records past the re-write watch: a day-long scan must not grow memory per frame."""
+        if now - getattr(self, "_last_prune", 0.0) < 5.0:
+            return
+        self._last_prune = now
+        window = self._recheck_window
+        old = [(p, n) for p, (t, _, _, n) in self._emitted_paths.items() if now - t >= window]
+        for p, number in old:
+            del self._emitted_paths[p]
+            self._settled.add(number)
+
     def _update(self, now: float) -> None:
+        self._forget_old(now)
         for path in self._list():
             name = path.name
             number = frame_number(self.regex, name)
@@ -137,7 +165,7 @@ class LandingSource:
                 continue
             if number in self._done_frames:
                 emitted = self._emitted_paths.get(str(path))
-                if emitted is None:
+                if emitted is None and number not in self._settled:
                     self._report("dup:" + name, "duplicate",
                                  f"{name}: frame {number} was already handed on; ignored")
                 elif now - emitted[0] < self._recheck_window:
@@ -179,12 +207,12 @@ class LandingSource:
         """How long after hand-out a file is watched for being re-written."""
         return max(1.0, 2 * self.missing_timeout)
 
-    def _check_rewritten(self, path: Path, number: int, emitted: tuple[float, int, int]) -> None:
+    def _check_rewritten(self, path: Path, number: int, emitted: tuple[float, int, int, int]) -> None:
         try:
             st = path.stat()
         except OSError:
             return
-        if (st.st_size, st.st_mtime_ns) != emitted[1:]:
+        if (st.st_size, st.st_mtime_ns) != emitted[1:3]:
             self._report("rewritten:" + path.name, "duplicate",
                          f"{path.name}: frame {number} was re-written after it was handed on; ignored")
 
@@ -247,7 +275,7 @@ class LandingSource:
         self.seq += 1
         self._done_frames.add(number)
         if path is not None:
-            self._emitted_paths[str(path)] = (now, seen.size, seen.mtime_ns)
+            self._emitted_paths[str(path)] = (now, seen.size, seen.mtime_ns, number)
         if error:
             self.on_event("missing" if missing else "failed", f"frame {number}: {error}")
         put(ref)

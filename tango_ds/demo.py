@@ -38,7 +38,8 @@ def run_demo(args) -> int:
     sim = SimulatedScan(args.rotations, args.translations, seed=1)
     files = sim.write_support_files(work)
     properties = {"LandingDirectory": str(landing), "OutputDirectory": str(output), "Engine": engine,
-                  "MissingTimeout": "3.0", "BacklogAlarm": str(max(32, sim.n_frames))}
+                  "MissingTimeout": "3.0", "BacklogAlarm": str(max(32, sim.n_frames)),
+                  "MaskDirectories": str(work)}  # the mask written below lies in work/
     print("starting an embedded Tango database and the XRDCTReducer device server...", flush=True)
     db_file = work / "tango_database.db"
     t0 = time.perf_counter()

@@ -46,7 +46,8 @@ from tango.server import Device, attribute, command, device_property
 import pipeline.cpu_engine  # noqa: F401,E402
 import pipeline.geometry  # noqa: F401,E402
 import pipeline.runner  # noqa: F401,E402
-from pipeline.config import MAX_BINS, UNITS, ConfigError, ReductionConfig, parse_poni
+from pipeline.config import MAX_BINS, UNITS, ConfigError, ReductionConfig, parse_poni, parse_scan_shape
+from pipeline.paths import PathError, resolve_mask, resolve_under
 from pipeline.scan import ScanError, ScanModel
 from pipeline.source import DEFAULT_PATTERN, compile_pattern
 
@@ -57,6 +58,8 @@ STOP_WAIT = 0.5  # s: how long Stop waits for the drain before returning (then O
 MAX_SINO_CUBE = 512 * 1024 * 1024  # bytes kept for the live sinogram cube (rot x trans x bins float32)
 COUNTERS = ("frames_processed", "frames_expected", "frames_missing", "frames_failed", "backlog", "latency")
 CONFIG_ATTRS = ("geometry", "bins", "mask", "masked_pixels", "unit", "scan_shape", "output_file", "engine")
+OUTPUT_SUFFIXES = (".h5", ".hdf5", ".nxs", ".nx5", ".hdf")  # any other name gets ".h5" appended
+MAX_OUTPUT_NAME = 1024  # characters of an output name given to Start/Resume (each part at most 255 bytes)
 
 
 class Unit(enum.IntEnum):
@@ -79,13 +82,29 @@ def _busy(what: str) -> None:
 
 
 def _reject(what: str, exc: Exception) -> None:
-    tango.Except.throw_exception("XRDCT_InvalidValue", f"invalid {what}: {exc}", f"XRDCTReducer.write_{what}")
+    reason = "XRDCT_PathNotAllowed" if isinstance(exc, PathError) else "XRDCT_InvalidValue"
+    tango.Except.throw_exception(reason, f"invalid {what}: {exc}", f"XRDCTReducer.write_{what}")
+
+
+MEMORIZED = ("geometry", "bins", "mask", "unit", "scan_shape")
+
+
+def _mask_stamp(mask_path: str | None) -> tuple:
+    """Identity of the mask file's content (a file re-written in place must rebuild the set-up)."""
+    if not mask_path:
+        return ()
+    try:
+        st = Path(mask_path.split("::", 1)[0]).stat()
+    except OSError:
+        return ("unreadable",)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def setup_key(config: ReductionConfig) -> tuple:
     """What the integration set-up depends on (engine choice and workers do not matter)."""
-    return (config.poni_text, config.mask_path, config.bins, config.unit, config.split, config.polarization,
-            config.solid_angle, config.dummy, config.delta_dummy, config.radial_range, config.error_model)
+    return (config.poni_text, config.mask_path, _mask_stamp(config.mask_path), config.bins, config.unit, config.split,
+            config.polarization, config.solid_angle, config.dummy, config.delta_dummy, config.radial_range,
+            config.error_model)
 
 
 class SetupCache:
@@ -138,6 +157,11 @@ class XRDCTReducer(Device):
                                   doc="PONI file used when no geometry was written (memorized) yet")
     DefaultMask = device_property(dtype=str, default_value="",
                                   doc="mask file used when no mask was written (memorized) yet")
+    MaskDirectories = device_property(
+        dtype=(str,), default_value=[],
+        doc="the only directories the mask attribute may name files in (symbolic links resolved; relative "
+            "names are taken in the first). Empty: the directories of DefaultMask and DefaultPoni, and "
+            "OutputDirectory")
     Engine = device_property(dtype=str, default_value="auto", doc="auto, cpu or opencl")
     OpenCLDevice = device_property(dtype=str, default_value="", doc="OpenCL device 'P:D' or part of its name")
     ScanShape = device_property(dtype=str, default_value="", doc="default scan shape NROTxNTRANS")
@@ -174,6 +198,8 @@ class XRDCTReducer(Device):
         self._mask = ""
         self._masked_pixels = 0
         self._scan_shape = self.ScanShape
+        self._restore_failed: dict[str, str] = {}  # memorized values Tango could not write back (Start refuses)
+        self._restore_pending = self._memorized_in_db()  # Tango writes these back right after init_device
         notes = []
         if self.DefaultPoni:
             try:
@@ -184,14 +210,13 @@ class XRDCTReducer(Device):
                 notes.append(f"DefaultPoni {self.DefaultPoni} unusable ({exc})")
         if self.DefaultMask:
             try:
-                self._masked_pixels = self._count_mask(self.DefaultMask)
-                self._mask = self.DefaultMask
+                self._mask, self._masked_pixels = self._checked_mask(self.DefaultMask)
             except ConfigError as exc:
                 notes.append(f"DefaultMask unusable ({exc})")
         if self._scan_shape:
             try:
-                ScanModel.parse(self._scan_shape)
-            except ScanError as exc:
+                self._scan_shape = "{}x{}".format(*parse_scan_shape(self._scan_shape))
+            except ConfigError as exc:
                 notes.append(f"ScanShape property unusable ({exc})")
                 self._scan_shape = ""
         self._info = "; ".join(notes)
@@ -300,6 +325,8 @@ class XRDCTReducer(Device):
             text += f" Last scan: {self._last_summary} -> {self._output_file}"
         if self._info:
             text += f" Note: {self._info}"
+        for what, why in self._restore_failed.items():
+            text += f" Note: the memorized {what} could not be restored ({why}); write {what} again before Start."
         return text
 
     def dev_state(self):
@@ -388,6 +415,33 @@ class XRDCTReducer(Device):
             self._pattern = intensity.copy()
             self._result_seq += 1
 
+    # -- validation -----------------------------------------------------------------------------------
+    def _memorized_in_db(self) -> set[str]:
+        """The memorized attributes with a value in the database: Tango writes each back once after init_device
+        (at start-up and after Init), before any client call, so the next write of each is that restore."""
+        try:
+            util = tango.Util.instance()
+            if not util._UseDb:  # DeviceTestContext, -nodb: no memorized values
+                return set()
+            stored = util.get_database().get_device_attribute_property(self.get_name(), list(MEMORIZED))
+            return {name for name, values in stored.items() if values.get("__value") not in (None, [], [""])}
+        except Exception:  # no database reachable: nothing will be restored either
+            logger.exception("reading the memorized values")
+            return set()
+
+    def _reject(self, what: str, exc: Exception) -> None:
+        """Refuse a written value (DevFailed).  A memorized value refused while Tango restores it is remembered:
+        Status says so and Start refuses until the attribute is written again (no scan silently without its mask)."""
+        if what in self._restore_pending:
+            self._restore_pending.discard(what)
+            self._restore_failed[what] = str(exc)
+            logger.error("memorized %s not restored: %s", what, exc)
+        _reject(what, exc)
+
+    def _accepted(self, what: str) -> None:
+        self._restore_pending.discard(what)
+        self._restore_failed.pop(what, None)
+
     # -- attributes: configuration ------------------------------------------------------------------
     @attribute(dtype=str, access=AttrWriteType.READ_WRITE, memorized=True, hw_memorized=True,
                label="Geometry (PONI)", unit="", format="%s",
@@ -400,11 +454,15 @@ class XRDCTReducer(Device):
     def geometry(self, value: str) -> None:
         if self._busy_now():
             _busy("geometry")
+        from pipeline.geometry import make_integrator
+
         try:
             parse_poni(value)
+            make_integrator(value)  # pyFAI accepts it too (detector known, numbers usable)
         except ConfigError as exc:
-            _reject("geometry", exc)
+            self._reject("geometry", exc)
         self._geometry = value
+        self._accepted("geometry")
 
     @attribute(dtype=int, access=AttrWriteType.READ_WRITE, memorized=True, hw_memorized=True,
                label="Radial bins", unit="", format="%d", min_value=1, max_value=MAX_BINS,
@@ -416,14 +474,16 @@ class XRDCTReducer(Device):
     def bins(self, value: int) -> None:
         if self._busy_now():
             _busy("bins")
-        if not 1 <= int(value) <= MAX_BINS:
-            _reject("bins", ValueError(f"must lie in 1..{MAX_BINS}, got {value}"))
+        if isinstance(value, bool) or int(value) != value or not 1 <= int(value) <= MAX_BINS:
+            self._reject("bins", ValueError(f"must be an integer in 1..{MAX_BINS}, got {value}"))
         self._bins = int(value)
+        self._accepted("bins")
 
     @attribute(dtype=str, access=AttrWriteType.READ_WRITE, memorized=True, hw_memorized=True,
                label="Mask file", unit="", format="%s",
                doc="path of the mask file (EDF, TIFF, NPY or file.h5::/path; non-zero = masked), on the server's "
-                   "file system; empty = detector gaps only. Refused while a scan runs.")
+                   "file system, inside the MaskDirectories property (relative: to its first entry); reads back "
+                   "as the real path used; empty = detector gaps only. Refused while a scan runs.")
     def mask(self) -> str:
         return self._mask
 
@@ -432,21 +492,31 @@ class XRDCTReducer(Device):
         if self._busy_now():
             _busy("mask")
         value = value.strip()
-        count = 0
+        spec, count = "", 0
         if value:
             try:
-                count = self._count_mask(value)
+                spec, count = self._checked_mask(value)
             except ConfigError as exc:
-                _reject("mask", exc)
-        self._mask, self._masked_pixels = value, count
+                self._reject("mask", exc)
+        self._mask, self._masked_pixels = spec, count
+        self._accepted("mask")
+        if spec != value:  # memorize the real path, not a relative name or a link that may change meaning
+            self.get_device_attr().get_w_attr_by_name("mask").set_write_value(spec)
 
-    @staticmethod
-    def _count_mask(path: str) -> int:
+    def _mask_dirs(self) -> list[str]:
+        """MaskDirectories, or by default the directories of DefaultMask and DefaultPoni and OutputDirectory."""
+        dirs = [d for d in (self.MaskDirectories or []) if d.strip()]
+        if not dirs:
+            dirs = [str(Path(p.split("::", 1)[0]).parent) for p in (self.DefaultMask, self.DefaultPoni) if p]
+            dirs.append(self.OutputDirectory)
+        return dirs
+
+    def _checked_mask(self, value: str) -> tuple[str, int]:
+        """(real path of the mask confined to the mask directories, masked pixel count); ConfigError if unusable."""
         from pipeline.geometry import load_mask
 
-        if not Path(path.split("::", 1)[0]).is_file():
-            raise ConfigError(f"mask file {path} does not exist")
-        return int(np.count_nonzero(load_mask(path)))
+        spec = resolve_mask(self._mask_dirs(), value)
+        return spec, int(np.count_nonzero(load_mask(spec)))
 
     @attribute(dtype=int, label="Masked pixels (mask file)", unit="px", format="%d",
                doc="number of pixels masked by the mask file (detector gaps not included); 0 without a mask")
@@ -466,7 +536,8 @@ class XRDCTReducer(Device):
         try:
             self._unit = Unit(int(value))
         except ValueError as exc:
-            _reject("unit", exc)
+            self._reject("unit", exc)
+        self._accepted("unit")
 
     @attribute(dtype=str, access=AttrWriteType.READ_WRITE, memorized=True, hw_memorized=True,
                label="Scan shape", unit="", format="%s",
@@ -480,10 +551,11 @@ class XRDCTReducer(Device):
         if self._busy_now():
             _busy("scan_shape")
         try:
-            scan = ScanModel.parse(value.strip())
-        except ScanError as exc:
-            _reject("scan_shape", exc)
-        self._scan_shape = f"{scan.rotations}x{scan.translations}"
+            rot, trans = parse_scan_shape(value)
+        except ConfigError as exc:
+            self._reject("scan_shape", exc)
+        self._scan_shape = f"{rot}x{trans}"
+        self._accepted("scan_shape")
 
     @attribute(dtype=str, label="Landing directory", doc="where the frames land (property LandingDirectory)")
     def landing_directory(self) -> str:
@@ -585,7 +657,15 @@ class XRDCTReducer(Device):
 
     @sinogram_bin_start.write
     def sinogram_bin_start(self, value: int) -> None:
+        nb = self._sino_bins()
+        if not 0 <= int(value) < nb:
+            self._reject("sinogram_bin_start", ValueError(f"must lie in 0..{nb - 1} (the pattern bins), got {value}"))
         self._sino_start = int(value)
+
+    def _sino_bins(self) -> int:
+        """Bins of the live sinogram cube, or of the configuration when there is none."""
+        cube = self._cube
+        return int(cube.shape[2]) if cube is not None else int(self._bins)
 
     @attribute(dtype=int, access=AttrWriteType.READ_WRITE, label="Sinogram end bin", format="%d", min_value=-1,
                max_value=MAX_BINS, doc="end bin (exclusive) of the sinogram average; -1 or <= start: one bin only")
@@ -594,6 +674,9 @@ class XRDCTReducer(Device):
 
     @sinogram_bin_stop.write
     def sinogram_bin_stop(self, value: int) -> None:
+        nb = self._sino_bins()
+        if not -1 <= int(value) <= nb:
+            self._reject("sinogram_bin_stop", ValueError(f"must lie in -1..{nb} (end bin, exclusive), got {value}"))
         self._sino_stop = int(value)
 
     @attribute(dtype=str, label="Output file", doc="NeXus file of the current (or last) scan")
@@ -613,7 +696,8 @@ class XRDCTReducer(Device):
     def is_Start_allowed(self) -> bool:
         return self._compute_state() == DevState.ON
 
-    @command(dtype_in=str, doc_in="output file name relative to OutputDirectory ('' = auto-named with a timestamp)",
+    @command(dtype_in=str, doc_in="output file name relative to OutputDirectory, or an absolute path inside it "
+             "('' = auto-named with a timestamp; '.h5' is appended unless it ends in .h5/.hdf5/.nxs/.nx5/.hdf)",
              dtype_out=str, doc_out="absolute path of the NeXus file that will be written")
     def Start(self, name: str) -> str:
         """Begin a scan: watch the landing directory and reduce into a new file.  Returns at once."""
@@ -622,7 +706,8 @@ class XRDCTReducer(Device):
     def is_Resume_allowed(self) -> bool:
         return self._compute_state() == DevState.ON
 
-    @command(dtype_in=str, doc_in="name (relative to OutputDirectory) of the file of an interrupted scan",
+    @command(dtype_in=str, doc_in="name (relative to OutputDirectory, or an absolute path inside it) of the file "
+             "of an interrupted scan",
              dtype_out=str, doc_out="absolute path of the NeXus file that will be written")
     def Resume(self, name: str) -> str:
         """Continue an interrupted scan (after a Stop, a crash or a full disk): the frames its file holds are
@@ -632,16 +717,26 @@ class XRDCTReducer(Device):
     def _begin(self, name: str, resume: bool) -> str:
         config = self._config()
         try:
+            if self._restore_failed:
+                what = ", ".join(self._restore_failed)
+                raise ConfigError(f"the memorized {what} could not be restored at start-up "
+                                  f"({'; '.join(self._restore_failed.values())}): write {what} again first")
             if not self._geometry:
                 raise ConfigError("no geometry: write the geometry attribute (PONI text) first")
+            if config.mask_path:  # checked again: a link on its way may have changed since it was written
+                config.mask_path = resolve_mask(self._mask_dirs(), config.mask_path)
             config.validate()
             if not self._scan_shape:
                 raise ScanError("no scan shape: write scan_shape (NROTxNTRANS) first")
             scan = ScanModel.parse(self._scan_shape)
             compile_pattern(self.FilenamePattern)
+            timeout = float(self.MissingTimeout)
+            if not 0 < timeout <= 86400:
+                raise ConfigError(f"MissingTimeout property must lie in (0, 86400] s, got {self.MissingTimeout}")
             output = self._output_path(name, resume=resume)
         except ValueError as exc:
-            tango.Except.throw_exception("XRDCT_CannotStart", f"cannot start: {exc}", "XRDCTReducer.Start")
+            reason = "XRDCT_PathNotAllowed" if isinstance(exc, PathError) else "XRDCT_CannotStart"
+            tango.Except.throw_exception(reason, f"cannot start: {exc}", "XRDCTReducer.Start")
         nbins = int(config.bins)
         with self._lock:
             self._phase = "preparing"
@@ -661,24 +756,26 @@ class XRDCTReducer(Device):
         return str(output)
 
     def _output_path(self, name: str, resume: bool = False) -> Path:
-        root = Path(self.OutputDirectory).resolve()
+        """The file a Start/Resume name means: inside OutputDirectory (links resolved), a NeXus suffix, new."""
+        root = self.OutputDirectory
         name = (name or "").strip()
         if not name:
             stamp = time.strftime("%Y%m%d_%H%M%S")
             name = f"xrdct_{stamp}.h5"
             i = 1
-            while (root / name).exists():
+            while (Path(root) / name).exists():
                 name = f"xrdct_{stamp}_{i}.h5"
                 i += 1
-        if Path(name).is_absolute() or "\x00" in name:
-            raise ValueError(f"output name {name!r} must be relative to OutputDirectory {root}")
-        if not Path(name).suffix:
-            name += ".h5"
-        path = (root / name).resolve()
-        if path == root or not path.is_relative_to(root):
-            raise ValueError(f"output name {name!r} escapes OutputDirectory {root}")
+        if len(name) > MAX_OUTPUT_NAME or any(len(part.encode()) > 255 for part in name.split("/")):
+            raise ValueError(f"output name longer than {MAX_OUTPUT_NAME} characters or with a part longer than 255")
         if not re.fullmatch(r"[\w.\-/ +=,@]+", name):
-            raise ValueError(f"output name {name!r} has unusual characters")
+            raise ValueError(f"output name {name!r} has unusual characters (letters, digits, . - / _ space + = , @)")
+        if Path(name).suffix.lower() not in OUTPUT_SUFFIXES:
+            name += ".h5"
+        try:
+            path = resolve_under([root], name, "output file")
+        except PathError as exc:
+            raise PathError(f"{exc} (the OutputDirectory property)") from None
         if resume and not path.is_file():
             raise ValueError(f"{path} does not exist: nothing to resume")
         if path.exists() and not resume:

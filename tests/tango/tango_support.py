@@ -16,6 +16,7 @@ pytest.importorskip("tango")
 
 ROT, TRANS = 3, 4
 BINS = 500
+SUPPORT_DIRS: list[str] = []  # where sim_scan put its PONI and mask: an allowed mask directory of the devices
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +28,7 @@ def sim_scan(tmp_path_factory):
     sim.prepare()
     files = sim.write_support_files(tmp_path_factory.mktemp("support"))
     sim.poni_path, sim.mask_path = files["poni"], files["mask"]
+    SUPPORT_DIRS[:] = [str(files["mask"].parent)]
     return sim
 
 
@@ -57,6 +59,8 @@ def dirs(tmp_path):
 def props(landing, output, **extra):
     base = {"LandingDirectory": str(landing), "OutputDirectory": str(output), "Engine": "cpu",
             "MissingTimeout": 2.0}
+    if SUPPORT_DIRS:  # masks are only read from the MaskDirectories property (default: OutputDirectory)
+        base["MaskDirectories"] = list(SUPPORT_DIRS)
     base.update(extra)
     return base
 

@@ -41,7 +41,7 @@ def test_configure_through_attributes_and_reject_invalid(make_device, dirs, sim_
     for attr, bad, reason in [("geometry", "Distance: 0.5\nPoni1: x\n", "PONI poni1 is not a number"),
                               ("geometry", "hello: world\n", "unknown PONI key"),
                               ("bins", 0, ""), ("bins", 100001, ""),
-                              ("mask", "/no/such/mask.edf", "does not exist"),
+                              ("mask", "/no/such/mask.edf", "outside the allowed directories"),
                               ("scan_shape", "12", "NROTxNTRANS")]:
         with pytest.raises(tango.DevFailed) as info:
             dev.write_attribute(attr, bad)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import tango
-from tango_support import BINS, ROT, TRANS, configure, read_nexus, wait_for
+from tango_support import BINS, ROT, SUPPORT_DIRS, TRANS, configure, read_nexus, wait_for
 
 from pipeline.simulate import Player
 
@@ -28,7 +28,7 @@ def _server(landing, output):
     return dict(server_instance="XRDCTReducer/ci",
                 device_classes={XRDCTReducer: {DEVICE: {"properties": {
                     "LandingDirectory": [str(landing)], "OutputDirectory": [str(output)], "Engine": ["cpu"],
-                    "MissingTimeout": ["2.0"]}}}})
+                    "MissingTimeout": ["2.0"], "MaskDirectories": list(SUPPORT_DIRS)}}}})
 
 
 def test_scan_and_memorized_attributes_survive_restart(pytango_db, dirs, sim_scan):
