@@ -138,11 +138,17 @@ def timed(fn, runs: int) -> dict:
 LAST_STAGES: dict = {}
 
 
-def run_ours(files_dir: Path, config: ReductionConfig, setup, engine, out: Path, readers: int) -> int:
+def run_ours(files_dir: Path, config: ReductionConfig, setup, engine, out: Path, readers: int,
+             live_tomogram: dict | None = None, n_frames: int = 0) -> int:
     from .runner import Reducer
+    from .scan import ScanModel
 
+    scan = None
+    if live_tomogram and n_frames % 100 == 0:  # the frames as a scan of 100 translations, tomograms kept live
+        scan = ScanModel(n_frames // 100, 100)
     reducer = Reducer(config, files_dir, out, pattern=r"bench_(?P<frame>\d+)\.cbf$", live=False,
-                      setup=setup, engine=engine, readers=readers, overwrite=True)
+                      setup=setup, engine=engine, readers=readers, overwrite=True, scan=scan,
+                      live_tomogram=live_tomogram)
     reducer.start()
     reducer.wait()
     m = reducer.snapshot()
@@ -270,6 +276,14 @@ def run_bench(args) -> int:
                 record(name, lambda cfg=cfg, engine=engine, r=r: run_ours(frames_dir, cfg, setup, engine,
                                                                           base / "ours.h5", r),
                        len(files), device=device.name.strip(), batch=batch, readers=r)
+                if args.live_tomogram and "fps" in results[name] and not any("+live" in k for k in results):
+                    # the same, with live tomograms of 3 peaks back-projected every 0.5 s beside the reduction
+                    live = {"channels": 3, "interval": 0.5, "min_rotations": 2}
+                    lname = name + " +live tomo"
+                    record(lname, lambda cfg=cfg, engine=engine, r=r, live=live: run_ours(
+                        frames_dir, cfg, setup, engine, base / "ours.h5", r, live, len(files)),
+                        len(files), device=device.name.strip(), batch=batch, readers=r, live_tomogram=live)
+                    ours[lname] = results[lname]
                 if "fps" in results[name]:
                     t = engine.timings
                     results[name]["engine_ms_per_frame"] = {k: 1e3 * t[k] / max(t["frames"], 1)

@@ -254,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", help="where the landing directory and NeXus file go (default: a temporary one)")
     p.add_argument("--keep", action="store_true", help="keep the frames (default: deleted once reduced)")
     p.add_argument("--json", help="write the report (with per-second samples) here")
+    p.add_argument("--live-tomogram", type=int, default=0, metavar="N",
+                   help="keep live tomograms of N peaks during the soak (0: off)")
     p.set_defaults(func=lambda args: __import__("pipeline.soak", fromlist=["main"]).main(args))
 
     p = sub.add_parser("simulate", help="write a synthetic XRD-CT scan as Pilatus3 2M CdTe CBF files")
@@ -293,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="keep the frames and outputs")
     p.add_argument("--switch-interval", type=float, default=0.0, help="Python GIL switch interval in s (default 5e-3)")
     p.add_argument("--only", nargs="*", help="run only these pipelines")
+    p.add_argument("--live-tomogram", action="store_true",
+                   help="also run ours (OpenCL) with live tomograms (frames as a scan of 100 translations)")
     p.add_argument("--workdir", help="where the frames are written (default /dev/shm or a temp folder)")
     p.add_argument("--json", help="also write the results as JSON to this file")
     p.set_defaults(func=cmd_bench)

@@ -114,6 +114,7 @@ class SoakReport:
     throughput_mean: float = 0.0
     backlog_max: int = 0
     state: str = ""
+    live_tomogram: dict = field(default_factory=dict)
     samples: list = field(default_factory=list)
 
     @property
@@ -130,7 +131,10 @@ class SoakReport:
                 f"out of order {self.out_of_order}, wrong patterns {self.pattern_mismatches}; "
                 f"RSS {self.rss_start_mb:.0f} -> {self.rss_end_mb:.0f} MB ({self.rss_growth_pct:+.1f} %, max "
                 f"{self.rss_max_mb:.0f}); latency p50/p99 first {self._lat(self.latency_start_s)}, last "
-                f"{self._lat(self.latency_end_s)}; backlog max {self.backlog_max}")
+                f"{self._lat(self.latency_end_s)}; backlog max {self.backlog_max}"
+                + (f"; live tomogram: {self.live_tomogram.get('updates')} updates, "
+                   f"{self.live_tomogram.get('seconds_mean', 0):.2f} s each ({self.live_tomogram.get('backprojector')})"
+                   if self.live_tomogram else ""))
 
     @staticmethod
     def _lat(d: dict) -> str:
@@ -143,7 +147,8 @@ def _window(samples: list[Sample], lo: float, hi: float) -> list[Sample]:
 
 def run_soak(seconds: float = 600.0, rate: float = 250.0, detector: str = "pilatus300k", engine: str = "auto",
              workdir: str | Path | None = None, distinct: int = 16, bins: int = 1000, keep_files: bool = False,
-             translations: int = 100, readers: int | None = None, log=print) -> SoakReport:
+             translations: int = 100, readers: int | None = None, live_tomogram: int = 0,
+             log=print) -> SoakReport:
     """Run the soak and check the output; see the module docstring."""
     from .cbf import parse_frame
     from .engines import make_engine
@@ -170,8 +175,9 @@ def run_soak(seconds: float = 600.0, rate: float = 250.0, detector: str = "pilat
     log(f"soak: {n_frames} frames ({shape[0]}x{shape[1]}, {len(blobs[0]) / 1e6:.2f} MB each) at {rate:g} fps "
         f"into {landing}; engine {eng.description}")
 
+    live = {"channels": live_tomogram, "interval": 2.0} if live_tomogram else None
     reducer = Reducer(config, landing, output, scan=scan, live=True, missing_timeout=10.0, setup=setup,
-                      engine=eng, readers=readers)
+                      engine=eng, readers=readers, live_tomogram=live)
     stop = threading.Event()
     written = [0]
 
@@ -233,6 +239,8 @@ def run_soak(seconds: float = 600.0, rate: float = 250.0, detector: str = "pilat
             eng.close()
     m = reducer.snapshot()
     report = SoakReport(seconds=seconds, rate=rate, detector=detector, engine=eng.description, state=m.state)
+    if reducer.live_tomo is not None:
+        report.live_tomogram = {k: v for k, v in reducer.live_tomo.stats.items() if k != "last_error"}
     report.frames_sent = written[0]
     _check_output(report, output, n_frames, expected, distinct, STATUS_OK)
     report.frames_missing, report.frames_failed = m.frames_missing, m.frames_failed
@@ -300,7 +308,8 @@ def _summarise_samples(report: SoakReport, samples: list[Sample], seconds: float
 
 def main(args) -> int:
     report = run_soak(seconds=args.minutes * 60, rate=args.rate, detector=args.detector, engine=args.engine,
-                      workdir=args.workdir, bins=args.bins, keep_files=args.keep, readers=args.readers)
+                      workdir=args.workdir, bins=args.bins, keep_files=args.keep, readers=args.readers,
+                      live_tomogram=args.live_tomogram)
     print(report.summary())
     if args.json:
         data = asdict(report)
