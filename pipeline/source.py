@@ -50,6 +50,7 @@ class _Seen:
     required: int | None = None
     error: str | None = None
     mtime_ns: int = -1
+    where: str = ""  # the path as listed (compared as a string: cheaper than Path objects)
 
 
 def compile_pattern(pattern: str) -> re.Pattern:
@@ -106,22 +107,23 @@ class LandingSource:
         self._next: int | None = None
 
     # -- listing -------------------------------------------------------------
-    def _list(self) -> list[Path]:
+    def _list(self) -> list[tuple[str, str]]:
+        """(name, path) of the regular files, in name order (strings: no Path object per file and poll)."""
         if any(c in self.location for c in "*?["):
             found = sorted(glob.glob(self.location))
             for p in found:
                 if os.path.islink(p):
                     self._report_link(os.path.basename(p))
-            return [Path(p) for p in found if not os.path.islink(p) and os.path.isfile(p)]
+            return [(os.path.basename(p), p) for p in found if not os.path.islink(p) and os.path.isfile(p)]
         try:
             with os.scandir(self.location) as entries:
-                names = []
+                files = []
                 for e in entries:
                     if e.is_symlink():
                         self._report_link(e.name)
                     elif e.is_file(follow_symlinks=False):
-                        names.append(e.path)
-            paths = [Path(name) for name in sorted(names)]
+                        files.append((e.name, e.path))
+            files.sort()
         except OSError as exc:
             if self._dir_ok:
                 self.on_event("landing", f"landing directory unavailable: {exc}")
@@ -130,7 +132,7 @@ class LandingSource:
         if not self._dir_ok:
             self.on_event("landing", "landing directory is back")
         self._dir_ok = True
-        return paths
+        return files
 
     def _report_link(self, name: str) -> None:
         """Frames are read only from regular files: a symbolic link (which may point anywhere) is never opened."""
@@ -144,19 +146,20 @@ class LandingSource:
 
     def _forget_old(self, now: float) -> None:
         """Drop hand-out records past the re-write watch: a day-long scan must not grow memory per frame."""
-        if now - getattr(self, "_last_prune", 0.0) < 5.0:
+        window = self._recheck_window
+        if now - getattr(self, "_last_prune", 0.0) < min(5.0, window):
             return
         self._last_prune = now
-        window = self._recheck_window
         old = [(p, n) for p, (t, _, _, n) in self._emitted_paths.items() if now - t >= window]
         for p, number in old:
             del self._emitted_paths[p]
             self._settled.add(number)
 
     def _update(self, now: float) -> None:
+        """One look at the directory.  Cheap per file for frames already handed on (regex + set lookups),
+        so that a directory of a whole scan's frames can be polled often."""
         self._forget_old(now)
-        for path in self._list():
-            name = path.name
+        for name, where in self._list():
             number = frame_number(self.regex, name)
             if number is None:
                 self._report("name:" + name, "ignored", f"{name}: name does not match the frame pattern")
@@ -164,12 +167,14 @@ class LandingSource:
             if number in self.skip:  # reduced before a restart: expected to be there, not news
                 continue
             if number in self._done_frames:
-                emitted = self._emitted_paths.get(str(path))
-                if emitted is None and number not in self._settled:
+                if number in self._settled:  # handed on long ago; its file is no longer watched
+                    continue
+                emitted = self._emitted_paths.get(where)
+                if emitted is None:
                     self._report("dup:" + name, "duplicate",
                                  f"{name}: frame {number} was already handed on; ignored")
                 elif now - emitted[0] < self._recheck_window:
-                    self._check_rewritten(path, number, emitted)
+                    self._check_rewritten(Path(where), number, emitted)
                 continue
             if self.expected is None:
                 first = self._next if self._next is not None else self.first_frame
@@ -182,25 +187,26 @@ class LandingSource:
                 self._report("out:" + name, "ignored", f"{name}: frame {number} is outside the scan")
                 continue
             seen = self._seen.get(number)
-            if seen is not None and seen.path != path:
+            if seen is not None and seen.where != where:
                 self._report("dup:" + name, "duplicate",
                              f"{name}: frame {number} already comes from {seen.path.name}; ignored")
                 continue
+            if not self.live:  # offline: nothing is being written; the reader validates the whole file anyway
+                if seen is None:
+                    self._seen[number] = _Seen(Path(where), -1, now, found=now, complete=True, where=where)
+                continue
             try:
-                st = path.stat()
+                st = os.stat(where, follow_symlinks=False)
             except OSError:
                 continue
             size = st.st_size
             if seen is None:
-                seen = self._seen[number] = _Seen(path, size, now, found=now)
+                seen = self._seen[number] = _Seen(Path(where), size, now, found=now, where=where)
             elif size != seen.size:
                 seen.size, seen.changed = size, now
             seen.mtime_ns = st.st_mtime_ns
             if not seen.complete:
-                if self.live:
-                    self._check_complete(seen)
-                else:  # offline: nothing is being written; the reader validates the whole file anyway
-                    seen.complete = True
+                self._check_complete(seen)
 
     @property
     def _recheck_window(self) -> float:
@@ -275,7 +281,7 @@ class LandingSource:
         self.seq += 1
         self._done_frames.add(number)
         if path is not None:
-            self._emitted_paths[str(path)] = (now, seen.size, seen.mtime_ns, number)
+            self._emitted_paths[seen.where] = (now, seen.size, seen.mtime_ns, number)
         if error:
             self.on_event("missing" if missing else "failed", f"frame {number}: {error}")
         put(ref)
@@ -308,7 +314,10 @@ class LandingSource:
         drain = drain or threading.Event()
         while not stop.is_set():
             now = time.time()
+            t_list = time.perf_counter()
             self._update(now)
+            # a huge directory takes long to list: then look less often instead of listing all the time
+            pause = max(self.poll_interval, 2.0 * (time.perf_counter() - t_list))
             finishing = drain.is_set() or not self.live
             while True:
                 number = self._next_number()
@@ -350,4 +359,4 @@ class LandingSource:
             # landed and complete but not handed on yet (waiting for an earlier frame): part of the backlog
             self.waiting = sum(1 for s in self._seen.values() if s.complete)
             idle()
-            stop.wait(self.poll_interval)
+            stop.wait(pause)

@@ -734,3 +734,31 @@ def test_any_order_any_gaps_offline(data):
     assert_sequence(refs, list(range(last + 1)))
     assert [r.missing for r in refs] == [not present[f] for f in range(last + 1)]
     assert all((r.error is None) == present[r.frame] for r in refs)
+
+
+def test_live_source_keeps_running_after_handed_on_files_settle(tmp_path):
+    """Files stay in the landing directory long after they were handed on (the usual case without a data
+    mover): once their re-write watch ends they are skipped quietly; nothing fails, nothing is reported twice."""
+    from _support import write_cbf
+
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    blob = write_cbf(tmp_path / "template.cbf", np.arange(12, dtype=np.int32).reshape(3, 4)).read_bytes()
+    for i in range(5):
+        (landing / f"frame_{i:05d}.cbf").write_bytes(blob)
+    events, refs = [], []
+    source = LandingSource(landing, frames=range(10), live=True, poll_interval=0.01, missing_timeout=0.2,
+                           on_event=lambda kind, text: events.append((kind, text)))
+    stop = threading.Event()
+    thread = threading.Thread(target=source.run, args=(refs.append, stop), daemon=True)
+    thread.start()
+    time.sleep(1.6)  # past the re-write watch (1 s) of the first five
+    assert source._settled >= set(range(5)), "hand-out records were not dropped"
+    for i in range(5, 10):
+        (landing / f"frame_{i:05d}.cbf").write_bytes(blob)
+    thread.join(timeout=10)
+    stop.set()
+    assert not thread.is_alive(), "the source did not finish the scan"
+    assert [r.frame for r in refs] == list(range(10))
+    assert all(r.error is None and not r.missing for r in refs)
+    assert not [e for e in events if e[0] in ("duplicate", "error")], events
