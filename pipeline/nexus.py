@@ -19,6 +19,8 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -32,6 +34,42 @@ from .scan import ScanModel
 logger = logging.getLogger(__name__)
 
 STATUS_PENDING, STATUS_OK, STATUS_MISSING, STATUS_FAILED = 0, 1, 2, 3
+
+# Writers whose file failed to write (a full disk): HDF5 (1.14/2.0 through h5py) crashes when it frees or
+# closes such a file, even from the garbage collector, so they are kept alive and never closed; at exit the
+# process leaves without HDF5's clean-up (see leave_without_hdf5_cleanup).
+_UNCLOSABLE: list = []
+_UNCLOSABLE_FILES: set[tuple[int, int]] = set()  # (st_dev, st_ino) of those files
+
+
+def _keep_unclosable(writer) -> None:
+    import atexit
+
+    if not _UNCLOSABLE:
+        atexit.register(leave_without_hdf5_cleanup)  # after h5py's own exit handler is registered: runs first
+    _UNCLOSABLE.append(writer)
+    try:
+        st = os.stat(writer.path)
+        _UNCLOSABLE_FILES.add((st.st_dev, st.st_ino))
+    except OSError:
+        pass
+
+
+def held_broken(path: str | Path) -> bool:
+    """True when this process holds ``path`` open from a failed write (it must not be opened again)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) in _UNCLOSABLE_FILES
+
+
+def leave_without_hdf5_cleanup(code: int = 1) -> None:
+    """End the process now if an output file failed: HDF5's exit clean-up would crash on it."""
+    if _UNCLOSABLE:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 class OutputError(OSError):
@@ -271,17 +309,21 @@ class NexusWriter:
 
     def close(self) -> None:
         """Flush and close; after a write failure, close what can be closed and keep the first error."""
-        if not self.file:
+        if not self.file or any(w is self for w in _UNCLOSABLE):
             return
-        try:
-            if self.failed is None:
+        if self.failed is None:
+            try:
                 self.flush()
                 self.file["entry/end_time"][()] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
                 self.file.flush()
-        finally:
-            try:
-                self.file.close()
-            except (OSError, RuntimeError):
+            except BaseException:
                 if self.failed is None:
+                    self.file.close()
                     raise
-                logger.warning("closing %s after a write failure: %s", self.path, "ignored")
+        if self.failed is not None:
+            # what was flushed before the failure is on disk and readable by others; HDF5 cannot close this
+            # handle (and crashes trying, now or at garbage collection): keep it open for the process's life
+            logger.warning("%s: left open after the write failure (HDF5 cannot close it safely)", self.path)
+            _keep_unclosable(self)
+            return
+        self.file.close()

@@ -63,8 +63,18 @@ def recover(path: str | Path, config: ReductionConfig, scan: ScanModel) -> Carri
     path = Path(path)
     if not path.exists():
         return None
+    from .nexus import held_broken
+
+    source = path
+    if held_broken(path):
+        # this process still holds the file from a failed write and HDF5 must not open it twice: read a copy
+        import shutil
+
+        source = _aside(path)
+        shutil.copyfile(path, source)
+        path.unlink()
     try:
-        with h5py.File(path, "r", swmr=True) as f:
+        with h5py.File(source, "r", swmr=True) as f:
             stored = json.loads(f["entry/reduction/configuration"][()])
             stored_scan = json.loads(f["entry/reduction/scan"][()])
             data = f["entry/integrated"]
@@ -91,6 +101,9 @@ def recover(path: str | Path, config: ReductionConfig, scan: ScanModel) -> Carri
         raise ResumeError(f"cannot resume from {path}: it holds frames outside the scan")
     if len(set(frames_done.tolist())) != len(frames_done):
         raise ResumeError(f"cannot resume from {path}: a frame appears twice in it")
-    previous = _aside(path)
-    path.rename(previous)
+    if source is path:
+        previous = _aside(path)
+        path.rename(previous)
+    else:
+        previous = source
     return Carried(previous, frames_done, rows, intensity, sigma, sources, landed)
