@@ -42,7 +42,7 @@ elif [ "$mode" = quick ]; then
   python3 -m pipeline.cli bench --frames 800 --ref-frames 120 --runs 3 --engine all --readers 4 \
     --batch 32 --readers-ours 8 --profile --json "$OUT/bench_quick.json" 2>&1 | tee "$OUT/bench_quick.log"
 else
-  python3 -m pipeline.cli bench --frames 3000 --ref-frames 200 --runs 5 --engine all --readers 2 4 8 \
+  python3 -m pipeline.cli bench --frames ${FRAMES:-6000} --ref-frames 200 --runs 5 --engine all --readers 2 4 8 \
     --batch 32 64 16 --readers-ours 8 4 12 --profile --live-tomogram --json "$OUT/bench_full.json" 2>&1 | tee "$OUT/bench_full.log"
 fi
 if [ "$mode" = micro ]; then python3 scripts/micro_host.py 2>&1 | tee "$OUT/micro.log"; fi
