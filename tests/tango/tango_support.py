@@ -28,7 +28,8 @@ def sim_scan(tmp_path_factory):
     sim.prepare()
     files = sim.write_support_files(tmp_path_factory.mktemp("support"))
     sim.poni_path, sim.mask_path = files["poni"], files["mask"]
-    SUPPORT_DIRS[:] = [str(files["mask"].parent)]
+    # one entry per definition of this fixture (tests/tango and tests/macros each have theirs in a session)
+    SUPPORT_DIRS.append(str(files["mask"].parent))
     return sim
 
 
