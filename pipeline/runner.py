@@ -360,7 +360,8 @@ class Reducer:
             load_run = getattr(self.engine, "load_run", None)
             try:
                 if load_run is not None and todo:
-                    for k, item in zip(todo, load_run([run[k].path for k in todo], self.config.check_md5)):
+                    names = [run[k].where or run[k].path for k in todo]
+                    for k, item in zip(todo, load_run(names, self.config.check_md5)):
                         loaded[k] = item
                 else:
                     for k in todo:
@@ -544,7 +545,8 @@ class Reducer:
                 status = STATUS_FAILED
                 self._event("failed", f"frame {ref.frame}: {err}")
             counts[status] += 1
-            writer.add(index_of.get(ref.frame, ref.seq), ref.frame, res, status, str(ref.path or ""), ref.landed)
+            writer.add(index_of.get(ref.frame, ref.seq), ref.frame, res, status, ref.where or str(ref.path or ""),
+                       ref.landed)
         self._busy("write", time.perf_counter() - t0)
         with self._lock:
             m = self.metrics

@@ -38,6 +38,7 @@ class FrameRef:
     landed: float  # time.time() when it was seen complete (or declared missing)
     error: str | None = None  # missing / truncated / not a frame: why there is no data
     missing: bool = False
+    where: str = ""  # the path as a string (readers and the writer need it so; a Path converts slowly)
 
 
 @dataclass
@@ -277,7 +278,8 @@ class LandingSource:
     def _emit(self, put, number: int, now: float, error: str | None, missing: bool) -> None:
         seen = self._seen.pop(number, None)
         path = seen.path if seen else None
-        ref = FrameRef(self.seq, number, path if not missing else None, now, error, missing)
+        ref = FrameRef(self.seq, number, path if not missing else None, now, error, missing,
+                       seen.where if seen is not None and not missing else "")
         self.seq += 1
         self._done_frames.add(number)
         if path is not None:

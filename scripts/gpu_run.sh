@@ -27,8 +27,8 @@ fi
 if [ "$mode" = micro ]; then :
 elif [ "$mode" = tune ]; then
   for si in 0; do
-    python3 -m pipeline.cli bench --frames 1600 --runs 3 --engine opencl --only ours --switch-interval $si \
-      --batch 32 64 --readers-ours 4 8 12 --json "$OUT/tune_$si.json" 2>&1 | tail -9 | tee -a "$OUT/tune.log"
+    python3 -m pipeline.cli bench --frames ${FRAMES:-6000} --runs 3 --engine opencl --only ours --switch-interval $si \
+      --batch ${BATCHES:-64 128} --readers-ours ${READERS:-8 12 16} --json "$OUT/tune_$si.json" 2>&1 | tail -9 | tee -a "$OUT/tune.log"
   done
   python3 scripts/host_ceiling.py --frames 1600 --readers 4 8 --batch 64 2>&1 | tail -3 | tee -a "$OUT/tune.log"
   python3 - "$OUT" <<'PY'

@@ -185,3 +185,37 @@ def test_missing_device_is_reported():
         make_engine(setup, cfg)
     cfg = ReductionConfig(**{**setup.config.to_dict(), "engine": "auto", "opencl_device": None})
     assert make_engine(setup, cfg).name in ("cpu", "opencl")
+
+
+def test_load_run_reads_a_run_into_pinned_memory_and_names_each_bad_file(tmp_path):
+    """Runs of files through one page-locked region: good frames (headers checked against the last one parsed
+    in full, or parsed in full) integrate like the CPU engine; each bad file comes back as its own error."""
+    shape = (40, 50)
+    rng = np.random.default_rng(8)
+    paths = [write_cbf(tmp_path / f"g{i}.cbf", adversarial(shape, rng, "pilatus")) for i in range(4)]
+    (tmp_path / "garbage.cbf").write_bytes(b"not a frame at all" * 50)
+    blob = paths[0].read_bytes()
+    (tmp_path / "cut.cbf").write_bytes(blob[: len(blob) - 40])
+    other = write_cbf(tmp_path / "other.cbf", np.zeros((41, 50), np.int32))
+    setup = generic_setup(shape, bins=30)
+    engine = OpenCLEngine(setup, DEVICE, batch_size=8, slots=1)
+    cpu = CpuEngine(setup)
+    for run in ([paths[0], paths[1]], [tmp_path / "garbage.cbf", paths[2], tmp_path / "cut.cbf", other, paths[3],
+                                       tmp_path / "gone.cbf"]):
+        loaded = engine.load_run(run)
+        for path, item in zip(run, loaded):
+            if path in paths or path == other:  # a frame (the other shape is refused when integrated)
+                assert item.pinned and item.header == cbf.read_frame(path).header
+            else:
+                assert isinstance(item, (cbf.CbfError, OSError)), (path, item)
+        if run[-1].name == "gone.cbf":
+            assert isinstance(loaded[-1], FileNotFoundError)
+            assert isinstance(loaded[0], cbf.NotACbfError) and isinstance(loaded[2], cbf.IncompleteCbfError)
+        good = [item for item in loaded if not isinstance(item, Exception)]
+        results = engine.integrate_batch(good)
+        for frame, res in zip(good, results):
+            if frame.shape == shape:
+                np.testing.assert_allclose(res.intensity, cpu.integrate(frame).intensity, rtol=2e-6, atol=1e-30)
+            else:
+                assert isinstance(res, cbf.CorruptCbfError) and "shape" in str(res)
+    assert engine.arena.take(timeout=0) is not None  # regions come back once their frames are released

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..cbf import CbfFrame, CorruptCbfError
+from ..cbf_fast import HeaderTemplate, frames_from_run, warm_up
 from ..engines import EngineFailure
 from ..fastio import read_packed
 from ..geometry import IntegrationSetup
@@ -179,6 +180,8 @@ class OpenCLEngine:
             self.reserve(staging_frames or 2 * self.concurrency + 2)
         except cl.Error as exc:
             raise EngineFailure(f"OpenCL set-up failed on {self.device.name}: {exc}") from exc
+        self._template: HeaderTemplate | None = None  # header of the last frame parsed in full
+        warm_up()  # compile the readers' nogil functions now, not when the first frames are waiting
         self._pack_pool = ThreadPoolExecutor(pack_threads, thread_name_prefix="xrdct-pack") if pack_threads else None
         self._lock = threading.Lock()
 
@@ -254,15 +257,22 @@ class OpenCLEngine:
         if index is not None:
             region = self.arena.view(index)
             offsets, got, _ = read_packed(paths, region)
+            try:
+                fast = frames_from_run(self._template, region, offsets, got, check_md5)
+            except CbfError:  # an MD5 mismatch: let the full path below record it frame by frame
+                fast = [None] * len(paths)
             base = index * self.arena.region_bytes
             for k in range(len(paths)):
                 if got[k] < 0:
                     continue
-                try:
-                    frame = parse_frame(memoryview(region[offsets[k]:offsets[k] + got[k]]), check_md5)
-                except CbfError as exc:
-                    out[k] = exc
-                    continue
+                frame = fast[k]
+                if frame is None:  # not like the last header seen: the full parser decides (and names errors)
+                    try:
+                        frame = parse_frame(memoryview(region[offsets[k]:offsets[k] + got[k]]), check_md5)
+                    except CbfError as exc:
+                        out[k] = exc
+                        continue
+                    self._template = HeaderTemplate(frame.header)
                 frame.pinned = True
                 frame.arena_offset = base + int(offsets[k]) + frame.header.binary_offset
                 out[k] = frame
