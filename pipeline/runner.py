@@ -471,8 +471,10 @@ class Reducer:
         from .nexus import radial_name
 
         rname, runits = radial_name(self.setup.unit)
+        # a short scan still gets its tomogram: wait for 4 rotations at most, or all of them when fewer
+        options = {"min_rotations": min(4, scan.rotations), **self.live_tomogram}
         return LiveTomography(self.setup.radial, scan.rotations, scan.translations, radial_name=rname,
-                              radial_units=runits, on_event=self._event, **self.live_tomogram)
+                              radial_units=runits, on_event=self._event, **options)
 
     def _integrate(self, batch):
         """Run the engine on the decodable frames of a batch; fall back to the CPU on engine failure."""

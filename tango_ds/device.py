@@ -170,6 +170,20 @@ class XRDCTReducer(Device):
     Workers = device_property(dtype=int, default_value=0, doc="CPU engine threads (0: one per core)")
     BacklogAlarm = device_property(dtype=int, default_value=32,
                                    doc="backlog (frames landed, not yet reduced) above which the state is ALARM")
+    LiveTomogramChannels = device_property(
+        dtype=int, default_value=3,
+        doc="strongest peaks back-projected while a scan runs into the file's entry/tomogram_live (0: off)")
+    LiveTomogramInterval = device_property(dtype=float, default_value=2.0,
+                                           doc="seconds between live tomogram updates in the file")
+
+    def _live_tomogram_options(self) -> dict | None:
+        channels = int(self.LiveTomogramChannels)
+        if not 0 <= channels <= 16:
+            raise ConfigError(f"LiveTomogramChannels property must lie in [0, 16], got {channels}")
+        interval = float(self.LiveTomogramInterval)
+        if not 0.1 <= interval <= 3600:
+            raise ConfigError(f"LiveTomogramInterval property must lie in [0.1, 3600] s, got {interval}")
+        return {"channels": channels, "interval": interval} if channels else None
 
     # -- life cycle -------------------------------------------------------------------------------
     def init_device(self):
@@ -791,6 +805,7 @@ class XRDCTReducer(Device):
             if not landing.is_dir():
                 raise NotADirectoryError(f"landing directory {landing} is not a directory")
             output.parent.mkdir(parents=True, exist_ok=True)
+            live_tomogram = self._live_tomogram_options()
             setup = self._cache.get(config)
         except Exception as exc:  # reported as FAULT with the reason
             hint = ("fix the LandingDirectory/OutputDirectory properties (then Init) or the geometry/mask"
@@ -805,7 +820,7 @@ class XRDCTReducer(Device):
             self._radial = np.asarray(setup.radial, dtype=np.float64)
             reducer = Reducer(config, landing, output, scan=scan, pattern=self.FilenamePattern, live=True,
                               missing_timeout=float(self.MissingTimeout), setup=setup, on_result=self._on_result,
-                              resume=resume)
+                              resume=resume, live_tomogram=live_tomogram)
             self._reducer = reducer
             self._phase = "running"
             reducer.start()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import queue
 import time
 
+import h5py
 import numpy as np
 import pytest
 import tango
@@ -123,6 +124,12 @@ def test_scan_counters_events_and_offline_equality(make_device, dirs, sim_scan, 
     expected = reconstruct(offline["sinogram"][:, :, peak:peak + 3].mean(axis=2), engine="cpu").images[0]
     np.testing.assert_allclose(dev.tomogram, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
     assert dev.tomogram.shape == (TRANS, TRANS)
+    # the file holds the live tomograms of the strongest peaks (property LiveTomogramChannels, default 3),
+    # last updated from every rotation
+    with h5py.File(path, "r") as f:
+        live = f["entry/tomogram_live"]
+        assert int(live["rotations_used"][0]) == ROT
+        assert live["intensity"].shape == (3, TRANS, TRANS) and np.isfinite(live["intensity"][()]).all()
 
     # a second scan with the same configuration reuses the pyFAI set-up (Start stays fast)
     assert dev.setup_builds == 1
