@@ -251,13 +251,21 @@ def _open_no_follow(path, flags: int) -> int:
     return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0))
 
 
+def required_size(path: str | os.PathLike, probe: int = 8192) -> int:
+    """Bytes the file must hold for its binary section to be whole, from its header (only the header is
+    read).  Raises :class:`IncompleteCbfError` while the header itself is not all written, another
+    :class:`CbfError` for a file that is no CBF, OSError when it cannot be read."""
+    with open(path, "rb", opener=_open_no_follow) as handle:
+        head = handle.read(probe)
+        if head.find(BINARY_MARKER) < 0 and len(head) == probe:  # a long header
+            head += handle.read(MAX_HEADER_BYTES - probe)
+    return parse_header(head).required_size
+
+
 def is_complete(path: str | os.PathLike) -> bool:
     """True when the file holds its whole binary section.  Cheap: reads the header only."""
     try:
-        size = os.stat(path).st_size
-        with open(path, "rb") as handle:
-            head = handle.read(min(size, MAX_HEADER_BYTES))
-        return size >= parse_header(head).required_size
+        return os.stat(path).st_size >= required_size(path)
     except (IncompleteCbfError, FileNotFoundError):
         return False
 

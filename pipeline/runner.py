@@ -489,7 +489,9 @@ class Reducer:
             self._event("engine", f"{self.engine.name} failed ({exc}); redoing {len(todo)} frames on the CPU")
             from .cpu_engine import CpuEngine
 
-            self.engine = CpuEngine(self.setup, workers=self.config.workers)
+            failed, self.engine = self.engine, CpuEngine(self.setup, workers=self.config.workers)
+            if getattr(self, "_own_engine", False) and hasattr(failed, "close"):
+                threading.Thread(target=failed.close, name="xrdct-close-failed-engine", daemon=True).start()
             with self._lock:
                 self.metrics.engine = self.engine.description
             results = self.engine.integrate_batch([f for _, f in todo])

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cbf import BINARY_MARKER, MAX_HEADER_BYTES, CbfError, IncompleteCbfError, parse_header
+from .cbf import CbfError, IncompleteCbfError, required_size
 
 logger = logging.getLogger(__name__)
 
@@ -232,11 +232,7 @@ class LandingSource:
     def _check_complete(self, seen: _Seen) -> None:
         if seen.required is None:
             try:
-                with open(seen.path, "rb") as handle:
-                    head = handle.read(HEADER_PROBE)
-                    if head.find(BINARY_MARKER) < 0 and len(head) == HEADER_PROBE:  # a long header
-                        head += handle.read(MAX_HEADER_BYTES - HEADER_PROBE)
-                seen.required = parse_header(head).required_size
+                seen.required = required_size(seen.where or seen.path, HEADER_PROBE)
                 seen.error = None
             except IncompleteCbfError as exc:
                 seen.error = f"incomplete: {exc}"
