@@ -132,6 +132,10 @@ class HeaderTemplate:
         if start < 0 or len(text) > MAX_HEADER_BYTES:
             return
         mime = text[start:]
+        # line starts as parse_header sees them (after CR or LF): the value spans must be those it reads
+        if re.search(rb"\r(?!\n)", mime) or any(len(re.findall(rb"[\r\n]" + re.escape(name) + rb"[ \t]*:", mime)) != 1
+                                                for name in _VALUE if name in mime):
+            return
         conv = _CONVERSIONS_RE.search(mime)
         spans, kinds = [], []
         for match in _LINE_RE.finditer(mime):

@@ -64,9 +64,13 @@ def held_broken(path: str | Path) -> bool:
     return (st.st_dev, st.st_ino) in _UNCLOSABLE_FILES
 
 
-def leave_without_hdf5_cleanup(code: int = 1) -> None:
-    """End the process now if an output file failed: HDF5's exit clean-up would crash on it."""
+def leave_without_hdf5_cleanup(code: int = 0) -> None:
+    """End the process now if an output file failed: HDF5's exit clean-up would crash on it.
+
+    Called by the CLI with its exit status; as an exit handler (a device server shutting down) it ends
+    with status 0, the failure having been reported when it happened."""
     if _UNCLOSABLE:
+        logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -311,19 +315,24 @@ class NexusWriter:
         """Flush and close; after a write failure, close what can be closed and keep the first error."""
         if not self.file or any(w is self for w in _UNCLOSABLE):
             return
-        if self.failed is None:
+        failed_before = self.failed is not None
+        if not failed_before:
             try:
                 self.flush()
                 self.file["entry/end_time"][()] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
                 self.file.flush()
-            except BaseException:
-                if self.failed is None:
-                    self.file.close()
-                    raise
+            except OutputError:
+                pass  # self.failed says what happened
+            except (OSError, RuntimeError, ValueError) as exc:
+                full = getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc)
+                self.failed = OutputError(f"closing {self.path} failed ({exc}); {self.committed} frames are "
+                                          "safely written and readable; resume the scan", full=full)
         if self.failed is not None:
             # what was flushed before the failure is on disk and readable by others; HDF5 cannot close this
             # handle (and crashes trying, now or at garbage collection): keep it open for the process's life
             logger.warning("%s: left open after the write failure (HDF5 cannot close it safely)", self.path)
             _keep_unclosable(self)
+            if not failed_before:
+                raise self.failed
             return
         self.file.close()

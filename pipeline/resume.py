@@ -68,11 +68,24 @@ def recover(path: str | Path, config: ReductionConfig, scan: ScanModel) -> Carri
     source = path
     if held_broken(path):
         # this process still holds the file from a failed write and HDF5 must not open it twice: read a copy
+        # (the original name goes only once the copy has been checked)
         import shutil
 
         source = _aside(path)
-        shutil.copyfile(path, source)
-        path.unlink()
+        try:
+            shutil.copyfile(path, source)
+        except OSError as exc:
+            source.unlink(missing_ok=True)
+            raise ResumeError(f"cannot resume from {path}: copying it aside failed ({exc})") from exc
+    try:
+        return _recover(path, source, config, scan)
+    except BaseException:
+        if source is not path:
+            source.unlink(missing_ok=True)
+        raise
+
+
+def _recover(path: Path, source: Path, config: ReductionConfig, scan: ScanModel) -> Carried:
     try:
         with h5py.File(source, "r", swmr=True) as f:
             stored = json.loads(f["entry/reduction/configuration"][()])
@@ -106,4 +119,5 @@ def recover(path: str | Path, config: ReductionConfig, scan: ScanModel) -> Carri
         path.rename(previous)
     else:
         previous = source
+        path.unlink()
     return Carried(previous, frames_done, rows, intensity, sigma, sources, landed)

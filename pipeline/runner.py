@@ -24,7 +24,7 @@ import numpy as np
 
 from .cbf import CbfError, parse_header, read_frame
 from .config import ReductionConfig
-from .engines import EngineFailure, make_engine
+from .engines import make_engine
 from .geometry import IntegrationSetup, build_setup
 from .nexus import STATUS_FAILED, STATUS_MISSING, STATUS_OK, NexusWriter, OutputError
 from .results import FrameResult
@@ -34,6 +34,18 @@ from .source import DEFAULT_PATTERN, FrameRef, LandingSource
 logger = logging.getLogger(__name__)
 
 _END = object()
+MAX_RUNS_PER_BATCH = 4
+
+
+def _discard_until_end(q, closer: threading.Thread) -> None:
+    """Take results nobody will write until the last stage has ended (its end mark may be gone already)."""
+    while True:
+        try:
+            if q.get(timeout=0.1) is _END:
+                return
+        except queue.Empty:
+            if not closer.is_alive():
+                return
 
 
 class BoundedQueue:
@@ -145,6 +157,7 @@ class Reducer:
         self.overwrite = overwrite
         self.live_tomogram = live_tomogram  # LiveTomography options (channels, interval, device...); None: off
         self.live_tomo = None  # the LiveTomography of the scan running (or last run)
+        self._failed_engines: list = []
         self.last_result: tuple[int, FrameResult] | None = None
         self.error: BaseException | None = None
         self.t_start = 0.0
@@ -237,6 +250,9 @@ class Reducer:
             self._set_state("fault", f"{type(exc).__name__}: {exc}")
         finally:
             self.t_end = time.time()
+            for engine in self._failed_engines:  # their calls are over now: their threads can go
+                if hasattr(engine, "close"):
+                    engine.close()
             if getattr(self, "_own_engine", False) and hasattr(self.engine, "close"):
                 self.engine.close()  # an engine made here ends with the scan (its threads too)
 
@@ -287,7 +303,7 @@ class Reducer:
         results = BoundedQueue(4 * engine.concurrency + 4)
         reserve = getattr(engine, "reserve", None)
         if reserve is not None:  # staging room for every run that can be in flight at once
-            reserve(self.readers + max(2, engine.concurrency + 1) + 2 * engine.concurrency + 1)
+            reserve(self.readers + max(2, engine.concurrency + 1) + MAX_RUNS_PER_BATCH * engine.concurrency + 1)
         source = self._source = LandingSource(
             self.landing, pattern=self.pattern, frames=scan.frames() if scan else None,
             first_frame=scan.first_frame if scan else None, live=self.live, poll_interval=self.poll_interval,
@@ -398,7 +414,8 @@ class Reducer:
                 if items is _END:
                     return
                 batch = list(items)
-                while len(batch) < engine.batch_size:
+                runs = 1  # short runs (live mode) are merged, up to MAX_RUNS_PER_BATCH staging regions a batch
+                while len(batch) < engine.batch_size and runs < MAX_RUNS_PER_BATCH:
                     try:
                         items = frames.get(timeout=0.002)
                     except queue.Empty:
@@ -407,6 +424,7 @@ class Reducer:
                         frames.put(_END)  # leave it for the loop that ends next
                         break
                     batch.extend(items)
+                    runs += 1
                 try:
                     out = self._integrate(batch)
                 except Exception as exc:  # an engine bug fails these frames loudly; the scan goes on
@@ -439,12 +457,22 @@ class Reducer:
             t.start()
         self._threads = threads
         try:
-            self._assemble(results, writer, refs, frames)
+            try:
+                self._assemble(results, writer, refs, frames)
+            except BaseException:
+                # nobody reads the results any more: keep taking them so that every stage can finish
+                # (engines blocked on a full queue would hold readers, the source and staging memory)
+                self._stop.set()
+                threading.Thread(target=_discard_until_end, args=(results, threads[-1]), name="xrdct-discard",
+                                 daemon=True).start()
+                raise
             if live is not None:  # a last tomogram from every rotation measured, into the file
                 live.stop(timeout=10)
                 if not self._stop.is_set():
                     live.update_now()
                 writer.flush()
+            self._stop.set()
+            writer.close()  # raises OutputError when the last writes fail
         except OutputError:
             with self._lock:  # what the file holds, not what was computed
                 self.metrics.frames_processed = min(self.metrics.frames_processed, writer.committed)
@@ -453,9 +481,11 @@ class Reducer:
             self._stop.set()
             if live is not None:
                 live.stop(timeout=5)
-            writer.close()
-            for t in threads:
-                t.join(timeout=5)
+            try:
+                writer.close()  # after a failure: keeps the broken file open (see nexus), never raises again
+            finally:
+                for t in threads:
+                    t.join(timeout=5)
         if self.error is not None:
             raise self.error
 
@@ -483,17 +513,25 @@ class Reducer:
         if not todo:
             return out
         t0 = time.perf_counter()
+        used = self.engine
         try:
-            results = self.engine.integrate_batch([f for _, f in todo])
-        except EngineFailure as exc:
-            self._event("engine", f"{self.engine.name} failed ({exc}); redoing {len(todo)} frames on the CPU")
+            results = used.integrate_batch([f for _, f in todo])
+        except Exception as exc:  # EngineFailure, or anything else the failing engine raises meanwhile
             from .cpu_engine import CpuEngine
 
-            failed, self.engine = self.engine, CpuEngine(self.setup, workers=self.config.workers)
-            if getattr(self, "_own_engine", False) and hasattr(failed, "close"):
-                threading.Thread(target=failed.close, name="xrdct-close-failed-engine", daemon=True).start()
-            with self._lock:
-                self.metrics.engine = self.engine.description
+            with self._lock:  # the first worker to see the failure swaps the engine, once
+                failed = used
+                if not isinstance(self.engine, CpuEngine):
+                    self._failed_engines.append(self.engine)
+                    self.engine = CpuEngine(self.setup, workers=self.config.workers)
+                    self.metrics.engine = self.engine.description
+                    announce = True
+                else:
+                    announce = False
+            if announce:
+                self._event("engine", f"{failed.name} failed ({exc}); redoing its frames on the CPU from now on")
+            if isinstance(failed, CpuEngine):
+                raise
             results = self.engine.integrate_batch([f for _, f in todo])
         self._busy("engine", time.perf_counter() - t0)
         for (i, _), res in zip(todo, results):

@@ -11,7 +11,9 @@ throughput.  At the end the NeXus file is checked row by row:
 * resident memory after warm-up stays flat, and latency does not creep up.
 
 The frames are ``distinct`` different images cycled (generating a new image per frame would cost
-more than reducing it).  Files already written to the NeXus file are deleted as they go, as a data
+more than reducing it); 17 shares no factor with the batch sizes, so a frame mixed up with another
+of its batch or of an earlier batch in the same staging memory shows as a wrong pattern.
+Files already written to the NeXus file are deleted as they go, as a data
 mover would, so that a long run needs little disk (``keep_files`` keeps them).
 """
 
@@ -146,7 +148,7 @@ def _window(samples: list[Sample], lo: float, hi: float) -> list[Sample]:
 
 
 def run_soak(seconds: float = 600.0, rate: float = 250.0, detector: str = "pilatus300k", engine: str = "auto",
-             workdir: str | Path | None = None, distinct: int = 16, bins: int = 1000, keep_files: bool = False,
+             workdir: str | Path | None = None, distinct: int = 17, bins: int = 1000, keep_files: bool = False,
              translations: int = 100, readers: int | None = None, live_tomogram: int = 0,
              log=print) -> SoakReport:
     """Run the soak and check the output; see the module docstring."""
@@ -176,8 +178,10 @@ def run_soak(seconds: float = 600.0, rate: float = 250.0, detector: str = "pilat
         f"into {landing}; engine {eng.description}")
 
     live = {"channels": live_tomogram, "interval": 2.0} if live_tomogram else None
+    written_order: list[int] = []  # frames as the writer took them: duplicates and order show here
     reducer = Reducer(config, landing, output, scan=scan, live=True, missing_timeout=10.0, setup=setup,
-                      engine=eng, readers=readers, live_tomogram=live)
+                      engine=eng, readers=readers, live_tomogram=live,
+                      on_result=lambda frame, result: written_order.append(frame))
     stop = threading.Event()
     written = [0]
 
@@ -243,6 +247,9 @@ def run_soak(seconds: float = 600.0, rate: float = 250.0, detector: str = "pilat
         report.live_tomogram = {k: v for k, v in reducer.live_tomo.stats.items() if k != "last_error"}
     report.frames_sent = written[0]
     _check_output(report, output, n_frames, expected, distinct, STATUS_OK)
+    # the file has one row per frame (a frame written twice would overwrite its row): count the writes
+    report.frames_duplicated = len(written_order) - len(set(written_order))
+    report.out_of_order = sum(1 for a, b in zip(written_order, written_order[1:]) if b <= a)
     report.frames_missing, report.frames_failed = m.frames_missing, m.frames_failed
     _summarise_samples(report, samples, seconds)
     if not keep_files and workdir is None:

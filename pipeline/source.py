@@ -104,6 +104,7 @@ class LandingSource:
         self._dir_ok = True
         self.seq = 0
         self.waiting = 0
+        self._list_seconds = 0.0
         self._cursor = 0
         self._next: int | None = None
 
@@ -160,7 +161,10 @@ class LandingSource:
         """One look at the directory.  Cheap per file for frames already handed on (regex + set lookups),
         so that a directory of a whole scan's frames can be polled often."""
         self._forget_old(now)
-        for name, where in self._list():
+        t_list = time.perf_counter()
+        listing = self._list()
+        self._list_seconds = time.perf_counter() - t_list
+        for name, where in listing:
             number = frame_number(self.regex, name)
             if number is None:
                 self._report("name:" + name, "ignored", f"{name}: name does not match the frame pattern")
@@ -312,10 +316,11 @@ class LandingSource:
         drain = drain or threading.Event()
         while not stop.is_set():
             now = time.time()
-            t_list = time.perf_counter()
             self._update(now)
             # a huge directory takes long to list: then look less often instead of listing all the time
-            pause = max(self.poll_interval, 2.0 * (time.perf_counter() - t_list))
+            # (the listing only: header reads of new files grow with the pause and must not lengthen it)
+            pause = min(max(self.poll_interval, 2.0 * self._list_seconds), max(self.poll_interval, 0.5),
+                        max(self.poll_interval, self.missing_timeout / 4))
             finishing = drain.is_set() or not self.live
             while True:
                 number = self._next_number()

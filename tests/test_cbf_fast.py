@@ -120,3 +120,19 @@ def test_read_packed_then_fast_headers_end_to_end(tmp_path):
     fast = frames_from_run(template, region, offsets, got)
     for p, frame in zip(paths, fast):
         assert frame is not None and frame.header == cbf.read_frame(p).header
+
+
+def test_templates_whose_lines_parse_header_splits_otherwise_are_not_used(tmp_path):
+    """A lone CR starts a line for parse_header (and a key may then appear twice): such a layout is parsed
+    in full, frame by frame, never through the compiled check."""
+    good = write_cbf(tmp_path / "a.cbf", np.arange(12 * 10, dtype=np.int32).reshape(12, 10)).read_bytes()
+    head = cbf.parse_header(good)
+    size_line = f"X-Binary-Size: {head.binary_size}".encode()
+    tricky = good.replace(size_line, b"Y: 1\r" + f"X-Binary-Size: {head.binary_size + 100}".encode() + b"\r\n"
+                          + size_line, 1)
+    parsed = cbf.parse_header(tricky)
+    assert parsed.binary_size == head.binary_size + 100  # what the full parser reads: the first line
+    template = HeaderTemplate(parsed)
+    assert not template.usable
+    region, offsets, got = packed([tricky])
+    assert frames_from_run(template, region, offsets, got) == [None]

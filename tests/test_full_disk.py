@@ -73,3 +73,36 @@ def test_full_disk_faults_clearly_and_resume_completes(tmp_path, small_disk):
         assert (f["entry/integrated/frame_status"][()] == 1).all()
         np.testing.assert_allclose(f["entry/integrated/intensity"][()], g["entry/integrated/intensity"][()],
                                    rtol=1e-6)
+
+
+def test_write_failure_faults_at_once_and_every_stage_ends(tmp_path, small_disk):
+    """When the writer fails nobody takes results any more; the stages must still end (no thread left
+    blocked on a full queue holding staging memory) and the fault must come at once."""
+    import threading
+    import time
+
+    from pipeline.config import ReductionConfig
+    from pipeline.runner import Reducer
+    from pipeline.scan import ScanModel
+
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    rng = np.random.default_rng(4)
+    blob = write_cbf(tmp_path / "t.cbf", rng.poisson(20, (200, 300)).astype(np.int32)).read_bytes()
+    for i in range(600):
+        (landing / f"f_{i:05d}.cbf").write_bytes(blob)
+    config = ReductionConfig(poni_text=PONI, bins=2000, engine="cpu")
+    reducer = Reducer(config, landing, small_disk / "out.h5", scan=ScanModel(6, 100), live=False, readers=2)
+    t0 = time.monotonic()
+    reducer.start()
+    assert reducer.wait(60)
+    elapsed = time.monotonic() - t0
+    m = reducer.snapshot()
+    assert m.state == "fault" and "disk is full" in m.message
+    assert elapsed < 20, f"the fault took {elapsed:.1f} s"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(t.name.startswith("xrdct-") and t.is_alive()
+                                              for t in threading.enumerate()):
+        time.sleep(0.1)
+    left = [t.name for t in threading.enumerate() if t.name.startswith("xrdct-") and t.is_alive()]
+    assert not left, f"pipeline threads still alive after the fault: {left}"

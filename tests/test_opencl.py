@@ -219,3 +219,50 @@ def test_load_run_reads_a_run_into_pinned_memory_and_names_each_bad_file(tmp_pat
             else:
                 assert isinstance(res, cbf.CorruptCbfError) and "shape" in str(res)
     assert engine.arena.take(timeout=0) is not None  # regions come back once their frames are released
+
+
+def test_failure_in_a_later_chunk_redoes_every_frame_from_intact_bytes(tmp_path):
+    """A batch larger than batch_size runs in chunks; when a later chunk fails, the frames of the earlier
+    chunks must still hold their bytes (their region not given back and refilled) for the CPU redo."""
+    from pipeline.engines import EngineFailure
+
+    shape = (30, 40)
+    rng = np.random.default_rng(12)
+    paths = [write_cbf(tmp_path / f"a{i}.cbf", adversarial(shape, rng, "pilatus")) for i in range(6)]
+    other = [write_cbf(tmp_path / f"b{i}.cbf", adversarial(shape, rng, "pilatus")) for i in range(6)]
+    setup = generic_setup(shape, bins=20)
+    engine = OpenCLEngine(setup, DEVICE, batch_size=4, slots=1, staging_frames=2)
+    frames = engine.load_run(paths[:2]) + engine.load_run(paths[2:6])  # two regions, one batch of 6 > 4
+    original = engine._process
+    calls = {"n": 0}
+
+    def fail_second(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise cl.LogicError("clEnqueueNDRangeKernel", cl.status_code.OUT_OF_RESOURCES, "injected failure")
+        return original(*args, **kwargs)
+
+    engine._process = fail_second
+    with pytest.raises(EngineFailure):
+        engine.integrate_batch(frames)
+    # a reader now tries to take a region: none may be free while the failed batch's frames hold them
+    assert engine.arena.take(timeout=0.05) is None
+    cpu = CpuEngine(setup)
+    for path, frame in zip(paths, frames):
+        assert bytes(frame.raw) == bytes(cbf.read_frame(path).raw)
+        np.testing.assert_allclose(cpu.integrate(frame).intensity, cpu.integrate(cbf.read_frame(path)).intensity)
+    del other
+
+
+def test_wrong_shape_frames_give_their_staging_region_back(tmp_path):
+    shape = (30, 40)
+    setup = generic_setup(shape, bins=20)
+    engine = OpenCLEngine(setup, DEVICE, batch_size=4, slots=1, staging_frames=3)
+    wrong = write_cbf(tmp_path / "w.cbf", np.ones((31, 40), np.int32))
+    for _ in range(10):  # more runs than regions: each must come back
+        frames = engine.load_run([wrong])
+        assert frames[0].pinned
+        result = engine.integrate_batch(frames)
+        assert isinstance(result[0], cbf.CorruptCbfError)
+    taken = [engine.arena.take(timeout=0.05) for _ in range(engine.arena.regions)]
+    assert None not in taken

@@ -292,16 +292,22 @@ class OpenCLEngine:
         return out
 
     def integrate_batch(self, frames: list[CbfFrame]) -> list[FrameResult | Exception]:
-        out: list[FrameResult | Exception] = []
-        for start in range(0, len(frames), self.batch_size):
-            out.extend(self._run(frames[start:start + self.batch_size], integrate=True))
-        return out
+        return self._chunks(frames, integrate=True)
 
     def decode_batch(self, frames: list[CbfFrame]) -> list[np.ndarray | Exception]:
         """Decoded int32 images (for tests and checks; the pipeline never needs them on the host)."""
+        return self._chunks(frames, integrate=False)
+
+    def _chunks(self, frames: list[CbfFrame], integrate: bool) -> list:
+        """All frames, ``batch_size`` at a time; their staging memory is given back only when every chunk
+        succeeded: after an EngineFailure the caller redoes the whole list elsewhere from those bytes."""
         out: list = []
         for start in range(0, len(frames), self.batch_size):
-            out.extend(self._run(frames[start:start + self.batch_size], integrate=False))
+            out.extend(self._run(frames[start:start + self.batch_size], integrate))
+        for frame in frames:
+            if frame.release is not None:
+                frame.release()
+                frame.release = None
         return out
 
     # -- internals ------------------------------------------------------------
@@ -324,10 +330,6 @@ class OpenCLEngine:
             raise EngineFailure(f"OpenCL error on {self.device.name}: {exc}") from exc
         finally:
             self._slots.put(slot)
-        for frame in frames:
-            if frame.release is not None:
-                frame.release()
-                frame.release = None
         return results
 
     def _process(self, slot: _Slot, frames: list[CbfFrame], places, integrate: bool) -> None:
