@@ -314,15 +314,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING - 10 * args.verbose,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        rc = args.func(args)
+        return args.func(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"xrdct: error: {exc}", file=sys.stderr)
-        rc = 2
+        return 2
+
+
+def run() -> None:
+    """The ``xrdct`` command: main(), then leave (skipping HDF5's exit clean-up only if a file failed)."""
     from .nexus import leave_without_hdf5_cleanup
 
+    rc = main()
     leave_without_hdf5_cleanup(rc)  # only when an output file failed to write: HDF5 would crash at exit
-    return rc
+    sys.exit(rc)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -75,34 +75,47 @@ def test_full_disk_faults_clearly_and_resume_completes(tmp_path, small_disk):
                                    rtol=1e-6)
 
 
+WRITE_FAILURE_SCRIPT = r"""
+import json, sys, threading, time
+import numpy as np
+from pipeline.config import ReductionConfig
+from pipeline.runner import Reducer
+from pipeline.scan import ScanModel
+landing, out, poni = sys.argv[1:4]
+reducer = Reducer(ReductionConfig(poni_text=open(poni).read(), bins=2000, engine="cpu"), landing, out,
+                  scan=ScanModel(6, 100), live=False, readers=2)
+t0 = time.monotonic()
+reducer.start()
+done = reducer.wait(60)
+elapsed = time.monotonic() - t0
+deadline = time.monotonic() + 10
+alive = lambda: [t.name for t in threading.enumerate() if t.name.startswith("xrdct-") and t.is_alive()]
+while time.monotonic() < deadline and alive():
+    time.sleep(0.1)
+m = reducer.snapshot()
+print(json.dumps({"done": done, "state": m.state, "message": m.message, "elapsed": elapsed, "left": alive()}))
+from pipeline.nexus import leave_without_hdf5_cleanup
+sys.stdout.flush()
+leave_without_hdf5_cleanup(0)
+"""
+
+
 def test_write_failure_faults_at_once_and_every_stage_ends(tmp_path, small_disk):
     """When the writer fails nobody takes results any more; the stages must still end (no thread left
-    blocked on a full queue holding staging memory) and the fault must come at once."""
-    import threading
-    import time
-
-    from pipeline.config import ReductionConfig
-    from pipeline.runner import Reducer
-    from pipeline.scan import ScanModel
-
+    blocked on a full queue holding staging memory) and the fault must come at once.  In a child process:
+    the failed file stays open there until it exits."""
     landing = tmp_path / "landing"
     landing.mkdir()
     rng = np.random.default_rng(4)
     blob = write_cbf(tmp_path / "t.cbf", rng.poisson(20, (200, 300)).astype(np.int32)).read_bytes()
     for i in range(600):
         (landing / f"f_{i:05d}.cbf").write_bytes(blob)
-    config = ReductionConfig(poni_text=PONI, bins=2000, engine="cpu")
-    reducer = Reducer(config, landing, small_disk / "out.h5", scan=ScanModel(6, 100), live=False, readers=2)
-    t0 = time.monotonic()
-    reducer.start()
-    assert reducer.wait(60)
-    elapsed = time.monotonic() - t0
-    m = reducer.snapshot()
-    assert m.state == "fault" and "disk is full" in m.message
-    assert elapsed < 20, f"the fault took {elapsed:.1f} s"
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(t.name.startswith("xrdct-") and t.is_alive()
-                                              for t in threading.enumerate()):
-        time.sleep(0.1)
-    left = [t.name for t in threading.enumerate() if t.name.startswith("xrdct-") and t.is_alive()]
-    assert not left, f"pipeline threads still alive after the fault: {left}"
+    poni = tmp_path / "g.poni"
+    poni.write_text(PONI)
+    done = subprocess.run([sys.executable, "-c", WRITE_FAILURE_SCRIPT, str(landing), str(small_disk / "out.h5"),
+                           str(poni)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["done"] and report["state"] == "fault" and "disk is full" in report["message"]
+    assert report["elapsed"] < 20, f"the fault took {report['elapsed']:.1f} s"
+    assert not report["left"], f"pipeline threads still alive after the fault: {report['left']}"
