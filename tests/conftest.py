@@ -27,3 +27,27 @@ def pytest_collection_modifyitems(config, items):
         return (0, 0) if mark is None else (1, mark.kwargs.get("order", 0))
 
     items.sort(key=rank)
+
+
+@pytest.fixture
+def small_disk_of(tmp_path):
+    """``mount(size)`` -> a directory on a tmpfs of that size, unmounted after the test (a full disk on
+    demand; needs root and the right to mount, as on the CI machine, else the test is skipped)."""
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a small file system needs root")
+        mnt = tmp_path / f"disk{len(mounted)}"
+        mnt.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        mounted.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounted:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

@@ -3,7 +3,6 @@ server process completes the scan, every frame once (HDF5 used to crash on the f
 
 from __future__ import annotations
 
-import os
 import subprocess
 
 import h5py
@@ -17,18 +16,8 @@ ON, FAULT = tango.DevState.ON, tango.DevState.FAULT
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small file system needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(mnt)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+def small_disk(small_disk_of):
+    return small_disk_of("200k")
 
 
 def test_full_disk_faults_then_reset_and_resume_in_the_same_server(make_device, tmp_path, small_disk, sim_scan):
