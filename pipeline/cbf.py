@@ -22,7 +22,7 @@ BINARY_MARKER = b"\x0c\x1a\x04\xd5"
 #: The header of every real Pilatus file fits in far less; a larger search
 #: window only costs time on garbage files.
 MAX_HEADER_BYTES = 64 * 1024
-_HEADER_GUESS = 8192
+HEADER_PROBE = 8192  # bytes read first to find a header; a Pilatus header fits in a few KiB
 
 _MIME_KEYS = {
     b"X-Binary-Size": "binary_size",
@@ -225,8 +225,8 @@ def parse_frame(buffer: bytes | bytearray | memoryview, check_md5: bool = False)
     if isinstance(buffer, (bytes, bytearray)):
         header = parse_header(buffer)
     else:  # copy only the header: a Pilatus header fits in a few KiB, the 64 KiB limit is for odd files
-        head = bytes(view[:_HEADER_GUESS])
-        if head.find(BINARY_MARKER) < 0 and len(view) > _HEADER_GUESS:
+        head = bytes(view[:HEADER_PROBE])
+        if head.find(BINARY_MARKER) < 0 and len(view) > HEADER_PROBE:
             head = bytes(view[:MAX_HEADER_BYTES])
         header = parse_header(head)
     if len(view) < header.required_size:
@@ -251,21 +251,21 @@ def _open_no_follow(path, flags: int) -> int:
     return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0))
 
 
-def required_size(path: str | os.PathLike, probe: int = 8192) -> int:
-    """Bytes the file must hold for its binary section to be whole, from its header (only the header is
-    read).  Raises :class:`IncompleteCbfError` while the header itself is not all written, another
-    :class:`CbfError` for a file that is no CBF, OSError when it cannot be read."""
+def read_header(path: str | os.PathLike) -> CbfHeader:
+    """The header of a CBF file, reading only the header.  Raises :class:`IncompleteCbfError` while the
+    header itself is not all written, another :class:`CbfError` for a file that is no CBF, OSError when
+    it cannot be read."""
     with open(path, "rb", opener=_open_no_follow) as handle:
-        head = handle.read(probe)
-        if head.find(BINARY_MARKER) < 0 and len(head) == probe:  # a long header
-            head += handle.read(MAX_HEADER_BYTES - probe)
-    return parse_header(head).required_size
+        head = handle.read(HEADER_PROBE)
+        if head.find(BINARY_MARKER) < 0 and len(head) == HEADER_PROBE:  # a long header
+            head += handle.read(MAX_HEADER_BYTES - HEADER_PROBE)
+    return parse_header(head)
 
 
 def is_complete(path: str | os.PathLike) -> bool:
     """True when the file holds its whole binary section.  Cheap: reads the header only."""
     try:
-        return os.stat(path).st_size >= required_size(path)
+        return os.stat(path).st_size >= read_header(path).required_size
     except (IncompleteCbfError, FileNotFoundError):
         return False
 

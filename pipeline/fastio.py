@@ -1,9 +1,9 @@
-"""Read a whole file with a single release of the GIL.
+"""Read a run of files with a single release of the GIL.
 
 At thousands of files a second, each ``open``/``fstat``/``readinto``/``close`` from Python gives the GIL
 up and must win it back, and under load every win can wait for another thread's time slice.  Here a
 compiled function (numba, ``nogil``) calls libc's open/lseek/pread/close itself, so a reader thread
-takes the GIL once per file.  Where libc cannot be reached this way, plain Python I/O is used.
+takes the GIL once per run of files.  Where libc cannot be reached this way, plain Python I/O is used.
 """
 
 from __future__ import annotations
@@ -27,28 +27,6 @@ try:
     _lseek.argtypes, _lseek.restype = [ctypes.c_int, ctypes.c_long, ctypes.c_int], ctypes.c_long
     _close = _libc.close
     _close.argtypes, _close.restype = [ctypes.c_int], ctypes.c_int
-
-    @njit(nogil=True)
-    def _read_whole(path, buf):
-        """(bytes read, file size); bytes read is -1 when the file cannot be opened, -2 when it is too big."""
-        fd = _open(path.ctypes.data, _NOFOLLOW)  # O_RDONLY | O_NOFOLLOW: never through a link
-        if fd < 0:
-            return -1, -1
-        size = _lseek(fd, 0, 2)  # SEEK_END
-        if size < 0:
-            _close(fd)
-            return -1, -1
-        if size > buf.shape[0]:
-            _close(fd)
-            return -2, size
-        got = 0
-        while got < size:
-            n = _pread(fd, buf[got:].ctypes.data, size - got, got)
-            if n <= 0:
-                break
-            got += n
-        _close(fd)
-        return got, size
 
     @njit(nogil=True)
     def _read_packed(names, starts, buf, align, offsets, got, sizes):
@@ -84,21 +62,6 @@ except (OSError, AttributeError, ImportError):  # not glibc-like, or no numba
     AVAILABLE = False
 
 
-def read_into(path: str | os.PathLike, buf: np.ndarray) -> int:
-    """Read the whole file into ``buf`` (uint8); return the byte count, or -size when it does not fit."""
-    if AVAILABLE:
-        got, size = _read_whole(np.frombuffer(os.fsencode(path) + b"\0", np.uint8), buf)
-        if got >= 0:
-            return int(got)
-        if got == -2:
-            return -int(size)
-    with open(path, "rb", buffering=0) as handle:  # the slow path also raises the proper OSError
-        size = os.fstat(handle.fileno()).st_size
-        if size > buf.shape[0]:
-            return -size
-        return handle.readinto(memoryview(buf)[:size])
-
-
 def read_packed(paths: list, buf: np.ndarray, align: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Read several files back to back into ``buf`` with one release of the GIL for all of them.
 
@@ -109,15 +72,19 @@ def read_packed(paths: list, buf: np.ndarray, align: int = 256) -> tuple[np.ndar
     offsets = np.zeros(n, np.int64)
     got = np.full(n, -1, np.int64)
     sizes = np.full(n, -1, np.int64)
-    if not AVAILABLE:
+    if not AVAILABLE:  # the same in Python: one GIL release per system call
         pos = 0
         for k, path in enumerate(paths):
             offsets[k] = pos
-            got[k] = n_read = read_into(path, buf[pos:]) if pos < buf.shape[0] else -1
-            if n_read < 0:
-                got[k] = -2
-                continue
-            sizes[k] = n_read
+            try:
+                with open(path, "rb", buffering=0, opener=lambda p, fl: os.open(p, fl | _NOFOLLOW)) as handle:
+                    sizes[k] = size = os.fstat(handle.fileno()).st_size
+                    if pos + size > buf.shape[0]:
+                        got[k] = -2
+                        continue
+                    got[k] = n_read = handle.readinto(memoryview(buf)[pos:pos + size])
+            except OSError:
+                continue  # got stays -1
             pos += (n_read + align - 1) // align * align
         return offsets, got, sizes
     encoded = [os.fsencode(p) + b"\0" for p in paths]

@@ -95,8 +95,9 @@ class Scenario:
 
 
 def write(landing: Path, frame: int, data: bytes, name: str | None = None) -> None:
-    with open(landing / (name or f"frame_{frame:05d}.cbf"), "wb") as handle:
-        handle.write(data)
+    from .simulate import write_frame
+
+    write_frame(landing / (name or f"frame_{frame:05d}.cbf"), data)
 
 
 class Clean(Scenario):

@@ -265,13 +265,17 @@ class NexusWriter:
         try:
             self._flush()
         except (OSError, RuntimeError, ValueError) as exc:
-            full = getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc)
-            what = "the output disk is full" if full else f"writing the output failed ({exc})"
-            self.failed = OutputError(
-                f"{what}: {self.path}; {self.committed} frames are safely written and readable, the frames "
-                "after them are not. Free space (or fix the cause), then resume the scan (xrdct reduce "
-                "--resume, or Reset and Start with the same name on the device).", full=full)
-            raise self.failed from exc
+            raise self._failure(exc) from exc
+
+    def _failure(self, exc: BaseException) -> OutputError:
+        """Record a write failure as the OutputError that says what is safe and what to do."""
+        full = getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc)
+        what = "the output disk is full" if full else f"writing the output failed ({exc})"
+        self.failed = OutputError(
+            f"{what}: {self.path}; {self.committed} frames are safely written and readable, the frames "
+            "after them are not. Free space (or fix the cause), then resume the scan (xrdct reduce "
+            "--resume, or Reset and Start with the same name on the device).", full=full)
+        return self.failed
 
     def _flush(self) -> None:
         if getattr(self, "_fill", 0):
@@ -323,10 +327,8 @@ class NexusWriter:
                 self.file.flush()
             except OutputError:
                 pass  # self.failed says what happened
-            except (OSError, RuntimeError, ValueError) as exc:
-                full = getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc)
-                self.failed = OutputError(f"closing {self.path} failed ({exc}); {self.committed} frames are "
-                                          "safely written and readable; resume the scan", full=full)
+            except (OSError, RuntimeError, ValueError) as exc:  # the end time could not be written
+                self._failure(exc)
         if self.failed is not None:
             # what was flushed before the failure is on disk and readable by others; HDF5 cannot close this
             # handle (and crashes trying, now or at garbage collection): keep it open for the process's life

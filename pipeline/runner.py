@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cbf import CbfError, parse_header, read_frame
+from .cbf import CbfError, read_frame, read_header
 from .config import ReductionConfig
 from .engines import make_engine
 from .geometry import IntegrationSetup, build_setup
@@ -266,10 +266,9 @@ class Reducer:
         deadline = time.time() + self.missing_timeout
         while True:
             probe._update(time.time())
-            for seen in sorted(probe._seen.items()):
+            for _, seen in sorted(probe._seen.items()):
                 try:
-                    with open(seen[1].path, "rb") as handle:
-                        return parse_header(handle.read(65536)).shape
+                    return read_header(seen.path).shape
                 except (CbfError, OSError):
                     continue
             if time.time() > deadline or self._drain.is_set():

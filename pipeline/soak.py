@@ -157,7 +157,7 @@ def run_soak(seconds: float = 600.0, rate: float = 250.0, detector: str = "pilat
     from .geometry import build_setup
     from .nexus import STATUS_OK
     from .runner import Reducer
-    from .simulate import make_poni_text
+    from .simulate import make_poni_text, write_frame
 
     shape, name = DETECTORS[detector]
     poni = make_poni_text(shape, name)
@@ -194,8 +194,7 @@ def run_soak(seconds: float = 600.0, rate: float = 250.0, detector: str = "pilat
             if wait > 0:
                 time.sleep(wait)
             # written in place, as the detector does: the reducer sees files that are still growing
-            with open(landing / f"frame_{i:07d}.cbf", "wb") as handle:
-                handle.write(blobs[i % distinct])
+            write_frame(landing / f"frame_{i:07d}.cbf", blobs[i % distinct])
             written[0] += 1
 
     def cleaner() -> None:

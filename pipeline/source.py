@@ -20,11 +20,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cbf import CbfError, IncompleteCbfError, required_size
+from .cbf import CbfError, IncompleteCbfError, read_header
 
 logger = logging.getLogger(__name__)
 
-HEADER_PROBE = 8192  # bytes read to find the header of a new file; rarely more is needed
 DEFAULT_PATTERN = r"(?P<frame>\d+)\.cbf$"
 
 
@@ -236,7 +235,7 @@ class LandingSource:
     def _check_complete(self, seen: _Seen) -> None:
         if seen.required is None:
             try:
-                seen.required = required_size(seen.where or seen.path, HEADER_PROBE)
+                seen.required = read_header(seen.where or seen.path).required_size
                 seen.error = None
             except IncompleteCbfError as exc:
                 seen.error = f"incomplete: {exc}"

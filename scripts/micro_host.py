@@ -58,7 +58,7 @@ def readinto_pinned(p, k):
     idx = arena.take()
     try:
         with open(p, "rb", buffering=0) as f:
-            f.readinto(memoryview(arena.view(idx, size)))
+            f.readinto(memoryview(arena.view(idx)[:size]))
     finally:
         arena.give(idx)
 
@@ -80,7 +80,7 @@ t = time.perf_counter()
 for _ in range(10):
     eng.integrate_batch(frames)
 print("integrate_batch 64 unpinned frames, one thread: fps", 640 / (time.perf_counter() - t))
-pinned = [eng.load(p) for p in files[:64]]
+pinned = eng.load_run(files[:64])  # one staging region for the batch
 t = time.perf_counter()
 for _ in range(10):
     for f in pinned:
